@@ -1,0 +1,29 @@
+"""Adafactor (transformers.optimization.Adafactor) with an external learning rate, as the Transformers Trainer uses it.
+
+Factored second moments: state is a row and a column vector per matrix, not a full-size tensor.
+Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
+--weight_decay on matrices only.
+Refuses: nothing. Built with relative_step=False, scale_parameter=False, warmup_init=False, so --learning_rate and
+--lr_scheduler_type drive it (Adafactor's own relative-step schedule is off).
+"""
+
+from transformers.optimization import Adafactor
+
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups
+
+
+class AdafactorRecipe(OptimizerRecipe):
+    name = "adafactor"
+    default_learning_rate = 3e-3
+
+    def build(self, model, config):
+        t = config.train
+        return Adafactor(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+                         relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+RECIPE = AdafactorRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

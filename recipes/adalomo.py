@@ -1,0 +1,32 @@
+"""AdaLomo (lomo_optim.AdaLomo): LOMO with Adafactor-style factored second moments, fused into backward.
+
+The update is scaled by each parameter's RMS, so lr is relative (authors: 1e-3 or 5e-4 when fine-tuning).
+Built through AdaLomoOnModelDevice (recipes/core/lomo_fixes.py): lomo-optim 0.1.1 puts its state on CUDA
+unconditionally, which fails on CPU.
+Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --loss_scale (static, default
+1024; lower it if losses go NaN), --max_grad_norm (a second backward pass, so off by default), gradient
+checkpointing, --bf16.
+Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead).
+"""
+
+from recipes.core.lomo_fixes import AdaLomoOnModelDevice
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import FusedBackwardRecipe
+
+
+class AdaLomoRecipe(FusedBackwardRecipe):
+    name = "adalomo"
+    default_learning_rate = 1e-1  # a from-scratch tiny model has small weights; use 1e-3..5e-4 for fine-tuning
+    reads_flags = ("clip_grad_value", "loss_scale")
+
+    def build(self, model, config):
+        t, o = config.train, config.optim
+        return AdaLomoOnModelDevice(model, lr=t.learning_rate, loss_scale=o.loss_scale,
+                                    clip_grad_norm=t.max_grad_norm or None, clip_grad_value=o.clip_grad_value,
+                                    weight_decay=t.weight_decay)
+
+
+RECIPE = AdaLomoRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

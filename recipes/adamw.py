@@ -1,0 +1,28 @@
+"""AdamW (torch.optim.AdamW): the baseline every other recipe is measured against.
+
+Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm clipping (default 1.0),
+--weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
+Refuses: nothing. Memory: parameters + gradients + 2 fp32 moments per parameter.
+"""
+
+import torch
+
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups
+
+
+class AdamWRecipe(OptimizerRecipe):
+    name = "adamw"
+    default_learning_rate = 1e-3
+    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+    def build(self, model, config):
+        t, o = config.train, config.optim
+        return torch.optim.AdamW(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+                                 betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)
+
+
+RECIPE = AdamWRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

@@ -1,0 +1,233 @@
+"""Command-line and YAML configuration, named as transformers.TrainingArguments names things, checked before any load.
+
+Every problem found here is a `ConfigError` whose message says what is wrong and what to do; `parse_config` runs
+before any model or data set is touched, so a bad flag costs a second and leaves nothing in output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import yaml
+from transformers import HfArgumentParser
+from transformers.trainer_utils import SchedulerType
+
+if TYPE_CHECKING:
+    from recipes.core.optimizer_recipe import OptimizerRecipe
+
+# local data files load with the `datasets` builder of this name
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+TRACKERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class ConfigError(ValueError):
+    """Bad input: the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Hub id or local folder; default: the embedded tiny Llama (no download)."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Default: the model's own tokenizer."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype for from_pretrained: float32 (default, "
+                                                           "fp32 master weights), bfloat16, float16 or auto."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub id, local data folder, or a .json/.jsonl/.csv/.parquet/.txt file; "
+                                         "default: the embedded generated corpus."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub data set configuration."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
+    block_size: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per packed training sequence; default min(1024, model context)."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Share of train held out for evaluation when there is no validation split."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Default: runs/<recipe>."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow replacing a model in output_dir."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1: run num_train_epochs."})
+    num_train_epochs: float = 3.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "Default: the recipe's."})
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: Optional[str] = field(
+        default=None, metadata={"help": "A transformers SchedulerType; default: the recipe's."})
+    max_grad_norm: Optional[float] = field(
+        default=None, metadata={"help": "Global gradient-norm clipping, 0 disables; default: the recipe's."})
+    logging_steps: int = 10
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps; always at the end."})
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    report_to: str = field(default="none", metadata={"help": f"Tracker: one of {', '.join(TRACKERS)}."})
+    run_name: Optional[str] = None
+
+
+@dataclass
+class OptimizerArguments:
+    """Knobs of particular optimizers. A recipe lists the ones it reads; setting any other one is an error."""
+
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    sgd_momentum: float = field(default=0.9, metadata={"help": "Schedule-free SGD momentum."})
+    clip_grad_value: Optional[float] = field(default=None, metadata={"help": "LOMO/AdaLomo: clamp each gradient."})
+    loss_scale: float = field(default=2.0**10, metadata={"help": "AdaLomo's static loss scale."})
+    grokadamw_alpha_init: float = 0.98
+    grokadamw_lamb: float = 2.0
+    grokadamw_gamma: float = 0.1
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, OptimizerArguments)
+
+
+@dataclass
+class Config:
+    model: ModelArguments
+    data: DataArguments
+    train: TrainArguments
+    optim: OptimizerArguments
+    recipe: str = ""
+
+    def to_dict(self) -> dict:
+        out = {"recipe": self.recipe}
+        for part in (self.model, self.data, self.train, self.optim):
+            out.update(dataclasses.asdict(part))
+        return out
+
+
+def all_flag_names() -> list[str]:
+    return [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
+
+
+def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Config:
+    """Parse `argv` (and the YAML file given with --config), fill in the recipe's defaults, and validate."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=recipe.description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of flag: value pairs; the command line overrides it.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_read_yaml_flags(known.config))
+    *parts, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    model, data, train, optim = parts[:4]  # parts[4]: the namespace holding --config
+    if remaining:
+        raise ConfigError(_unknown_flag_message(remaining))
+    explicitly_set = _optimizer_flags_set(optim)
+    config = Config(model, data, train, optim, recipe=recipe.name)
+    recipe.fill_defaults(config)
+    validate(config, recipe, explicitly_set)
+    return config
+
+
+def _read_yaml_flags(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file; give the path of a YAML file of flag: value pairs")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag: value pairs at the top level")
+    unknown = sorted(set(values) - set(all_flag_names()))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; the keys are the flag names "
+                          "without dashes (see --help)")
+    return values
+
+
+def _unknown_flag_message(remaining: list[str]) -> str:
+    flag = next((r for r in remaining if r.startswith("-")), remaining[0])
+    name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    close = difflib.get_close_matches(name, all_flag_names(), n=1)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    return f"unknown flag or value {flag!r}; {hint}run with --help to list the flags"
+
+
+def _optimizer_flags_set(optim: OptimizerArguments) -> set[str]:
+    default = OptimizerArguments()
+    return {f.name for f in dataclasses.fields(optim) if getattr(optim, f.name) != getattr(default, f.name)}
+
+
+def data_file_builder(dataset_name: str | None) -> str | None:
+    """The `datasets` builder for a local data file, or None for a hub id, a local folder or the embedded corpus."""
+    if dataset_name is None:
+        return None
+    return DATA_FILE_BUILDERS.get(Path(dataset_name).suffix.lower())
+
+
+def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[str]) -> None:
+    t, d = config.train, config.data
+    positive = {"learning_rate": t.learning_rate, "per_device_train_batch_size": t.per_device_train_batch_size,
+                "per_device_eval_batch_size": t.per_device_eval_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps, "logging_steps": t.logging_steps}
+    if d.block_size is not None:
+        positive["block_size"] = d.block_size
+    if t.eval_steps is not None:
+        positive["eval_steps"] = t.eval_steps
+    if t.max_steps == -1:
+        positive["num_train_epochs"] = t.num_train_epochs
+    else:
+        positive["max_steps"] = t.max_steps
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"--{name} must be positive, got {value}; pass a value > 0")
+    for name in ("weight_decay", "warmup_steps", "max_grad_norm"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(t, name)}")
+    if config.model.dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {config.model.dtype!r} is not a weights dtype; use one of {', '.join(WEIGHT_DTYPES)}")
+    if not 0 < d.validation_split_percentage < 100:
+        raise ConfigError("--validation_split_percentage must be between 1 and 99")
+    schedulers = [s.value for s in SchedulerType]
+    if t.lr_scheduler_type not in schedulers:
+        raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type!r} is not a schedule; use one of "
+                          f"{', '.join(schedulers)}")
+    if t.report_to not in TRACKERS:
+        raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
+    _validate_dataset_path(d.dataset_name)
+    unread = sorted(optimizer_flags_set - set(recipe.reads_flags))
+    if unread:
+        raise ConfigError(f"--{unread[0]} has no effect on {recipe.name}; it is read by "
+                          f"{_recipes_reading(unread[0])}. Drop the flag or pick that recipe")
+    problem = recipe.refuse(config)
+    if problem:
+        raise ConfigError(problem)
+    output_dir = Path(t.output_dir)
+    if not t.overwrite_output_dir and any((output_dir / f).exists() for f in MODEL_FILES):
+        raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir "
+                          "or pass --overwrite_output_dir to replace it")
+
+
+def _validate_dataset_path(dataset_name: str | None) -> None:
+    if dataset_name is None:
+        return
+    path = Path(dataset_name)
+    builder = data_file_builder(dataset_name)
+    if builder is not None and not path.is_file():
+        raise ConfigError(f"--dataset_name {dataset_name}: no such file; check the path, or give a hub id")
+    if builder is None and path.is_file():
+        raise ConfigError(f"--dataset_name {dataset_name}: unsupported file type {path.suffix!r}; use one of "
+                          f"{', '.join(DATA_FILE_BUILDERS)}")
+
+
+def _recipes_reading(flag: str) -> str:
+    from recipes.core.optimizer_recipe import all_recipes
+
+    return ", ".join(r.name for r in all_recipes() if flag in r.reads_flags) or "no recipe"

@@ -1,0 +1,140 @@
+"""What the shared loop needs to know about an optimizer, asked through methods, never by testing its name.
+
+`OptimizerRecipe` describes an ordinary optimizer (backward, clip, step). Two families change the protocol:
+- `FusedBackwardRecipe` (LOMO, AdaLomo): the update runs inside backward, at the scheduled lr; there is no step and
+  no gradient accumulation.
+- `ScheduleFreeRecipe` (schedule-free AdamW/SGD): weights are y while training and x (the average) when evaluated or
+  saved, so the loop switches modes; the optimizer keeps its own warmup and needs no LR schedule.
+Each `recipes/<name>.py` subclasses one of these and adds how its optimizer is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from recipes.core.config import Config
+
+RECIPE_NAMES = ("adamw", "adafactor", "grokadamw", "lomo", "adalomo", "schedule_free_adamw", "schedule_free_sgd")
+
+
+def all_recipes() -> list[OptimizerRecipe]:
+    return [importlib.import_module(f"recipes.{name}").RECIPE for name in RECIPE_NAMES]
+
+
+def unwrap_optimizer(optimizer):
+    """The upstream optimizer inside accelerate's (and DeepSpeed's) wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, not on biases and norm weights (the Transformers Trainer's convention)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class OptimizerRecipe:
+    """An optimizer with an ordinary step: backward, optional global-norm clipping, step, zero_grad."""
+
+    name: str = ""
+    default_learning_rate: float = 1e-3
+    default_lr_scheduler_type: str = "linear"
+    default_max_grad_norm: float = 1.0
+    reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
+
+    def build(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    @property
+    def description(self) -> str:
+        """The recipe file's docstring: what it supports and what it refuses."""
+        return sys.modules[type(self).__module__].__doc__ or self.name
+
+    def fill_defaults(self, config: Config) -> None:
+        t = config.train
+        t.learning_rate = self.default_learning_rate if t.learning_rate is None else t.learning_rate
+        t.lr_scheduler_type = t.lr_scheduler_type or self.default_lr_scheduler_type
+        t.max_grad_norm = self.default_max_grad_norm if t.max_grad_norm is None else t.max_grad_norm
+        t.output_dir = t.output_dir or f"runs/{self.name}"
+
+    def refuse(self, config: Config) -> Optional[str]:
+        """A one-line reason this optimizer cannot run the configuration, or None."""
+        return None
+
+    def scheduler_warmup_steps(self, config: Config) -> int:
+        return config.train.warmup_steps
+
+    def backward(self, accelerator: Accelerator, optimizer, loss: torch.Tensor, lr: float) -> None:
+        accelerator.backward(loss)
+
+    def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:
+        """Clip (at accumulation boundaries), step and zero the gradients; return the pre-clip norm if measured."""
+        grad_norm = None
+        if max_grad_norm > 0 and accelerator.sync_gradients:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train_mode(self, optimizer) -> None:
+        """Called before training steps."""
+
+    def eval_mode(self, optimizer) -> None:
+        """Called before evaluating or saving: the weights must be the ones to evaluate and keep."""
+
+
+class FusedBackwardRecipe(OptimizerRecipe):
+    """LOMO-family: each parameter is updated by a hook as its gradient arrives, so no gradient is kept."""
+
+    default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
+    default_lr_scheduler_type = "linear"
+
+    def refuse(self, config: Config) -> Optional[str]:
+        if config.train.gradient_accumulation_steps > 1:
+            return (f"{self.name} updates the weights inside backward, so gradients cannot be accumulated "
+                    f"(--gradient_accumulation_steps {config.train.gradient_accumulation_steps}); use "
+                    "--gradient_accumulation_steps 1 with a larger --per_device_train_batch_size, or the adamw recipe")
+        return None
+
+    def backward(self, accelerator: Accelerator, optimizer, loss: torch.Tensor, lr: float) -> None:
+        fused = unwrap_optimizer(optimizer)
+        if fused.clip_grad_norm:
+            fused.grad_norm(loss)  # first pass: global norm only, graph retained for the update pass
+        accelerator.backward(loss, learning_rate=lr)
+
+    def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:
+        fused = unwrap_optimizer(optimizer)
+        if fused.clip_grad_norm and isinstance(fused.grad_norms, torch.Tensor):
+            return float(torch.norm(fused.grad_norms, 2.0))
+        return None
+
+
+class ScheduleFreeRecipe(OptimizerRecipe):
+    """Schedule-free: evaluate and save at x, train at y; warmup inside the optimizer, LR schedule constant."""
+
+    default_lr_scheduler_type = "constant"
+
+    def refuse(self, config: Config) -> Optional[str]:
+        if config.train.lr_scheduler_type != "constant":
+            return (f"{self.name} replaces the LR schedule with iterate averaging, so --lr_scheduler_type "
+                    f"{config.train.lr_scheduler_type} would stack a second schedule on it; use --lr_scheduler_type "
+                    "constant (its warmup comes from --warmup_steps)")
+        return None
+
+    def scheduler_warmup_steps(self, config: Config) -> int:
+        return 0  # --warmup_steps goes to the optimizer's own warmup
+
+    def train_mode(self, optimizer) -> None:
+        optimizer.train()
+
+    def eval_mode(self, optimizer) -> None:
+        optimizer.eval()

@@ -1,0 +1,30 @@
+"""LOMO (lomo_optim.Lomo): SGD fused into backward, so no gradient tensors and no optimizer state are kept.
+
+Each parameter is updated by a hook as its gradient arrives, at the scheduled lr of the step
+(accelerator.backward(loss, learning_rate=lr)); there is no optimizer.step().
+Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --max_grad_norm (LOMO's
+clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
+Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead).
+"""
+
+from lomo_optim import Lomo
+
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import FusedBackwardRecipe
+
+
+class LomoRecipe(FusedBackwardRecipe):
+    name = "lomo"
+    default_learning_rate = 0.5  # plain SGD on a from-scratch tiny model; ~1e-2 for fine-tuning a pretrained LLM
+    reads_flags = ("clip_grad_value",)
+
+    def build(self, model, config):
+        t, o = config.train, config.optim
+        return Lomo(model, lr=t.learning_rate, clip_grad_norm=t.max_grad_norm or None,
+                    clip_grad_value=o.clip_grad_value, weight_decay=t.weight_decay)
+
+
+RECIPE = LomoRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

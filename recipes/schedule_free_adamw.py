@@ -1,0 +1,31 @@
+"""Schedule-free AdamW (schedulefree.AdamWScheduleFree): iterate averaging instead of an LR schedule.
+
+Weights are y while training and x (the average) when evaluated or saved: the loop calls eval() before every
+evaluation and save, so the saved model is x, and train() before training resumes.
+Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
+--weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
+Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
+"""
+
+import schedulefree
+
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups
+
+
+class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):
+    name = "schedule_free_adamw"
+    default_learning_rate = 2.5e-3
+    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+    def build(self, model, config):
+        t, o = config.train, config.optim
+        return schedulefree.AdamWScheduleFree(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+                                              betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                                              warmup_steps=t.warmup_steps)
+
+
+RECIPE = ScheduleFreeAdamWRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

@@ -1,0 +1,30 @@
+"""Schedule-free SGD (schedulefree.SGDScheduleFree): momentum SGD with iterate averaging instead of an LR schedule.
+
+Weights are y while training and x (the average) when evaluated or saved: the loop calls eval() before every
+evaluation and save, so the saved model is x, and train() before training resumes.
+Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
+--weight_decay on matrices only, --sgd_momentum.
+Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
+"""
+
+import schedulefree
+
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups
+
+
+class ScheduleFreeSGDRecipe(ScheduleFreeRecipe):
+    name = "schedule_free_sgd"
+    default_learning_rate = 1.0
+    reads_flags = ("sgd_momentum",)
+
+    def build(self, model, config):
+        t, o = config.train, config.optim
+        return schedulefree.SGDScheduleFree(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+                                            momentum=o.sgd_momentum, warmup_steps=t.warmup_steps)
+
+
+RECIPE = ScheduleFreeSGDRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)
