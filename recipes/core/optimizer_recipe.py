@@ -113,6 +113,7 @@ class FusedBackwardRecipe(OptimizerRecipe):
 
     def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:
         fused = unwrap_optimizer(optimizer)
+        fused._opt_called = True  # the update ran in backward; tells the LR scheduler so (it warns otherwise)
         if fused.clip_grad_norm and isinstance(fused.grad_norms, torch.Tensor):
             return float(torch.norm(fused.grad_norms, 2.0))
         return None

@@ -1,0 +1,63 @@
+"""Bad input fails fast: one line on stderr naming the problem and the fix, exit status 2, no model written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recipes.core.config import MODEL_FILES
+from tests.conftest import launch
+
+CASES = {
+    "unknown flag": ("adamw", ["--learnig_rate", "1e-3"], "unknown flag or value '--learnig_rate'; did you mean --learning_rate?"),
+    "zero learning rate": ("adamw", ["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+    "negative learning rate": ("lomo", ["--learning_rate", "-1"], "--learning_rate must be positive"),
+    "zero batch size": ("adamw", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be positive"),
+    "zero steps": ("adafactor", ["--max_steps", "0"], "--max_steps must be positive, got 0"),
+    "missing dataset file": ("adamw", ["--dataset_name", "no/such/file.jsonl"], "--dataset_name no/such/file.jsonl: no such file"),
+    "accumulation with lomo": ("lomo", ["--gradient_accumulation_steps", "4"], "lomo updates the weights inside backward, so gradients cannot be accumulated"),
+    "accumulation with adalomo": ("adalomo", ["--gradient_accumulation_steps", "2"], "use --gradient_accumulation_steps 1 with a larger --per_device_train_batch_size"),
+    "schedule with schedule-free adamw": ("schedule_free_adamw", ["--lr_scheduler_type", "cosine"], "use --lr_scheduler_type constant"),
+    "schedule with schedule-free sgd": ("schedule_free_sgd", ["--lr_scheduler_type", "linear"], "--lr_scheduler_type linear would stack a second schedule"),
+    "knob of another optimizer": ("adamw", ["--loss_scale", "64"], "--loss_scale has no effect on adamw; it is read by adalomo"),
+    "unknown scheduler": ("adamw", ["--lr_scheduler_type", "sometimes"], "--lr_scheduler_type 'sometimes' is not a schedule"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_with_one_clear_line_and_writes_no_model(case, tmp_path):
+    recipe, args, expected = CASES[case]
+    out = tmp_path / "out"
+    steps = [] if "--max_steps" in args else ["--max_steps", "3"]
+    proc = launch(recipe, *args, *steps, "--output_dir", str(out), check=False)
+    assert proc.returncode != 0
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{recipe}: error:")]
+    assert len(error_lines) == 1, proc.stderr[-3000:]
+    assert expected in error_lines[0]
+    before, after = proc.stderr.split(error_lines[0])
+    assert "Traceback" not in before  # the recipe printed no traceback; after it, only the launcher's exit report
+    assert "Traceback" not in after or "CalledProcessError" in after
+    assert "parameters" not in proc.stdout  # the model was never loaded
+    assert not any((out / f).exists() for f in MODEL_FILES)
+
+
+def test_missing_text_column_fails_before_the_model_loads(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"content": f"line {i}"}) + "\n" for i in range(50)))
+    out = tmp_path / "out"
+    proc = launch("adamw", "--dataset_name", str(data), "--output_dir", str(out), check=False)
+    assert proc.returncode != 0
+    assert f"adamw: error: --dataset_name {data} has no column 'text' (it has content); pass --text_column" in proc.stderr
+    assert "parameters" not in proc.stdout
+    assert not any((out / f).exists() for f in MODEL_FILES)
+
+
+def test_existing_model_is_never_overwritten_silently(tmp_path):
+    out = tmp_path / "out"
+    launch("adamw", "--max_steps", "2", "--output_dir", str(out))
+    before = (out / "model.safetensors").read_bytes()
+    proc = launch("adamw", "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "0.5", check=False)
+    assert proc.returncode != 0
+    assert "already holds a trained model; choose another --output_dir or pass --overwrite_output_dir" in proc.stderr
+    assert (out / "model.safetensors").read_bytes() == before

@@ -1,0 +1,74 @@
+"""The per-optimizer protocols, checked on the weights themselves: LOMO's fused lr and schedule-free's saved x."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipes.core.config import parse_config
+from recipes.core.loop import train
+from recipes.lomo import LomoRecipe
+from recipes.schedule_free_adamw import ScheduleFreeAdamWRecipe
+from tests.conftest import launch, read_metrics, train_losses
+
+
+class LomoMeasuringItsUpdate(LomoRecipe):
+    """LOMO whose every backward also measures the lr the fused update really applied to lm_head.weight."""
+
+    def __init__(self):
+        self.applied_lr: list[float] = []
+
+    def backward(self, accelerator, optimizer, loss, lr):
+        weight = optimizer.optimizer.model.lm_head.weight
+        (grad,) = torch.autograd.grad(loss, weight, retain_graph=True)  # no .grad is set, so the hooks do nothing
+        before = weight.detach().clone()
+        super().backward(accelerator, optimizer, loss, lr)
+        change = before - weight.detach()
+        large = grad.abs() > 0.1 * grad.abs().max()
+        self.applied_lr.append((change[large] / grad[large]).median().item())
+
+
+def test_lomo_fused_update_uses_the_scheduled_lr_of_each_step(tmp_path, fresh_accelerate_state):
+    recipe, steps, base_lr = LomoMeasuringItsUpdate(), 6, 0.5
+    config = parse_config(recipe, ["--max_steps", str(steps), "--learning_rate", str(base_lr),
+                                   "--lr_scheduler_type", "linear", "--output_dir", str(tmp_path)])
+    train(recipe, config)
+    expected = [base_lr * (steps - k) / steps for k in range(steps)]  # linear decay, no warmup, lr before each step
+    assert recipe.applied_lr == pytest.approx(expected, rel=1e-3)
+
+
+class ScheduleFreeKeepingItsOptimizer(ScheduleFreeAdamWRecipe):
+    def build(self, model, config):
+        self.optimizer = super().build(model, config)
+        self.model = model
+        return self.optimizer
+
+
+def test_schedule_free_saves_the_averaged_x_weights(tmp_path, fresh_accelerate_state):
+    recipe = ScheduleFreeKeepingItsOptimizer()
+    config = parse_config(recipe, ["--max_steps", "15", "--output_dir", str(tmp_path)])
+    train(recipe, config)
+    saved = load_file(tmp_path / "model.safetensors")
+    beta1 = recipe.optimizer.param_groups[0]["betas"][0]
+    assert recipe.optimizer.param_groups[0]["train_mode"]  # back in train mode after the save
+    checked = 0
+    for name, y in recipe.model.named_parameters():
+        z = recipe.optimizer.state[y]["z"]
+        x = y.detach() + (1 - 1 / beta1) * (z - y.detach())  # schedulefree's eval(): lerp(y, z, 1 - 1/beta1)
+        assert torch.allclose(saved[name], x, atol=1e-6), name
+        if not torch.allclose(saved[name], y.detach(), atol=1e-4):
+            checked += 1
+    assert checked > 0, "x and y coincide everywhere: the test could not tell them apart"
+
+
+@pytest.mark.parametrize("recipe", ["schedule_free_adamw", "schedule_free_sgd"])
+def test_schedule_free_training_goes_on_correctly_after_switching_to_x_and_back(recipe, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    args = ["--max_steps", "12", "--logging_steps", "1"]
+    launch(recipe, *args, "--output_dir", str(straight))
+    launch(recipe, *args, "--eval_steps", "4", "--output_dir", str(interrupted))
+    evals = [r for r in read_metrics(interrupted) if "eval_loss" in r and "perplexity" not in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    # eval() then train() is y -> x -> y: the run continues as if never interrupted, up to float rounding
+    assert train_losses(interrupted) == pytest.approx(train_losses(straight), rel=1e-5)
