@@ -3,7 +3,8 @@
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0; GrokAdamW
 also clips each tensor to norm 1.0 itself), --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon,
 --grokadamw_alpha_init, --grokadamw_lamb, --grokadamw_gamma (per-position momentum decay).
-Refuses: nothing. No grokking signal function is set (as in the Transformers Trainer), so the EMA decay stays at
+Refuses: nothing. Built through GrokAdamWWithCheckpointableState (recipes/core/grokadamw_fixes.py): grokadamw
+0.1.2 keys its moments by Parameter object, so they would not survive a checkpoint. No grokking signal function is set (as in the Transformers Trainer), so the EMA decay stays at
 alpha_init. Memory: 3 state tensors per parameter, kept on the CPU by grokadamw 0.1.2.
 """
 
@@ -19,10 +20,10 @@ class GrokAdamWRecipe(OptimizerRecipe):
 
     def build(self, model, config):
         # Imported here, after `recipes` is: run as a script, this file would otherwise shadow the package.
-        from grokadamw import GrokAdamW
+        from recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
 
         t, o = config.train, config.optim
-        return GrokAdamW(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+        return GrokAdamWWithCheckpointableState(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
                          betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, alpha_init=o.grokadamw_alpha_init,
                          lamb=o.grokadamw_lamb, gamma=o.grokadamw_gamma)
 

@@ -19,11 +19,11 @@ class LomoMeasuringItsUpdate(LomoRecipe):
     def __init__(self):
         self.applied_lr: list[float] = []
 
-    def backward(self, accelerator, optimizer, loss, lr):
+    def backward(self, accelerator, model, optimizer, loss, lr):
         weight = optimizer.optimizer.model.lm_head.weight
         (grad,) = torch.autograd.grad(loss, weight, retain_graph=True)  # no .grad is set, so the hooks do nothing
         before = weight.detach().clone()
-        super().backward(accelerator, optimizer, loss, lr)
+        super().backward(accelerator, model, optimizer, loss, lr)
         change = before - weight.detach()
         large = grad.abs() > 0.1 * grad.abs().max()
         self.applied_lr.append((change[large] / grad[large]).median().item())

@@ -73,6 +73,10 @@ class TrainArguments:
     max_grad_norm: Optional[float] = field(
         default=None, metadata={"help": "Global gradient-norm clipping, 0 disables; default: the recipe's."})
     logging_steps: int = 10
+    save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every N steps; 0: never."})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "A checkpoint-<step> folder, or 'latest' (the newest in output_dir)."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps; always at the end."})
     seed: int = 42
     gradient_checkpointing: bool = False
@@ -181,6 +185,8 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         positive["block_size"] = d.block_size
     if t.eval_steps is not None:
         positive["eval_steps"] = t.eval_steps
+    if t.save_total_limit is not None:
+        positive["save_total_limit"] = t.save_total_limit
     if t.max_steps == -1:
         positive["num_train_epochs"] = t.num_train_epochs
     else:
@@ -188,7 +194,7 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{name} must be positive, got {value}; pass a value > 0")
-    for name in ("weight_decay", "warmup_steps", "max_grad_norm"):
+    for name in ("weight_decay", "warmup_steps", "max_grad_norm", "save_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(t, name)}")
     if config.model.dtype not in WEIGHT_DTYPES:
@@ -213,6 +219,12 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if not t.overwrite_output_dir and any((output_dir / f).exists() for f in MODEL_FILES):
         raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir "
                           "or pass --overwrite_output_dir to replace it")
+    from recipes.core.checkpoint import checkpoints_in, resolve_checkpoint
+
+    if not (t.resume_from_checkpoint or t.overwrite_output_dir) and checkpoints_in(output_dir):
+        raise ConfigError(f"--output_dir {output_dir} holds checkpoints of an earlier run; resume it with "
+                          "--resume_from_checkpoint latest, or pass --overwrite_output_dir to start over")
+    resolve_checkpoint(config)
 
 
 def _validate_dataset_path(dataset_name: str | None) -> None:

@@ -25,9 +25,29 @@ class AdaLomoOnModelDevice(AdaLomo):
     lomo-optim 0.1.1 allocates that state with `.cuda()` in `__init__`, which fails on a CPU-only torch and ignores
     the model's device. Only construction changes; `isinstance(opt, AdaLomo)` stays true, so accelerate's LOMO
     backward path still applies.
+
+    Its second moments and step count are plain attributes, outside `state_dict()`, so a resume would restart them;
+    here they travel in the state dict (under "adalomo", keyed by parameter name).
     """
 
     def __init__(self, model: torch.nn.Module, *args, **kwargs):
         device = next(model.parameters()).device
         with _cuda_calls_go_to(device):
             super().__init__(model, *args, **kwargs)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "adalomo": {
+            "step_num": self.step_num, "exp_avg_sq": self.exp_avg_sq, "exp_avg_sq_row": self.exp_avg_sq_row,
+            "exp_avg_sq_col": self.exp_avg_sq_col}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("adalomo")
+        super().load_state_dict(state_dict)
+        self.step_num = extra["step_num"]
+        for name in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+            mine = getattr(self, name)
+            if set(extra[name]) != set(mine):
+                raise ValueError(f"AdaLomo state does not match this model: {name} covers other parameters")
+            for key, value in extra[name].items():
+                mine[key].copy_(value)

@@ -23,10 +23,13 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from recipes.core import embedded
+from recipes.core.checkpoint import (TrainerState, checkpoints_in, load_checkpoint, resolve_checkpoint,
+                                     resume_settings, save_checkpoint)
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.data import collate_causal_lm, load_raw_datasets, tokenize_and_pack
 from recipes.core.metrics import TrainingMetrics
 from recipes.core.optimizer_recipe import OptimizerRecipe
+from recipes.core.preemption import PreemptionRequest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -39,6 +42,9 @@ def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"{recipe.name}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as error:
+        print(f"{recipe.name}: stopped: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def build_accelerator(config: Config) -> Accelerator:
@@ -81,7 +87,7 @@ def build_dataloaders(config: Config, raw, tokenizer, block_size: int, accelerat
                               generator=shuffle, collate_fn=collate_causal_lm, drop_last=True)
     eval_loader = DataLoader(packed["validation"], batch_size=t.per_device_eval_batch_size,
                              collate_fn=collate_causal_lm)
-    return train_loader, eval_loader
+    return train_loader, eval_loader, shuffle
 
 
 def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
@@ -123,9 +129,14 @@ def write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself for a reason the user must act on (e.g. a non-finite loss); one line says which."""
+
+
 def train(recipe: OptimizerRecipe, config: Config) -> dict:
     t = config.train
     output_dir = Path(t.output_dir)
+    resume_from = resolve_checkpoint(config)
 
     # --- setup: data is checked before any model is loaded, so bad data fails in seconds
     accelerator = build_accelerator(config)
@@ -133,7 +144,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     raw = load_raw_datasets(config)
     tokenizer, model = load_tokenizer_and_model(config)
     block_size = config.data.block_size or default_block_size(model)
-    train_loader, eval_loader = build_dataloaders(config, raw, tokenizer, block_size, accelerator)
+    train_loader, eval_loader, shuffle = build_dataloaders(config, raw, tokenizer, block_size, accelerator)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = recipe.build(model, config)
@@ -142,9 +153,14 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
                               num_training_steps=total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
+    settings = resume_settings(config, block_size=block_size, num_processes=accelerator.num_processes)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if t.overwrite_output_dir and not resume_from:
+            for old in checkpoints_in(output_dir):
+                shutil.rmtree(old)
         resolved = config.to_dict() | {"block_size": block_size, "total_steps": total_steps,
                                        "num_processes": accelerator.num_processes,
                                        "distributed_type": str(accelerator.distributed_type)}
@@ -152,50 +168,94 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     if t.report_to != "none":
         accelerator.init_trackers(t.run_name or recipe.name, config=config.to_dict())
     accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es) "
-                      f"({accelerator.distributed_type}), {sum(p.numel() for p in model.parameters()):,} parameters")
+                      f"({accelerator.distributed_type}), {sum(p.numel() for p in model.parameters()):,} parameters"
+                      + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""))
+
+    def checkpoint() -> Path:
+        """Save at x for schedule-free (eval mode), refuse to save non-finite weights, then carry on training."""
+        stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
+        recipe.eval_mode(optimizer)
+        path = save_checkpoint(accelerator, output_dir, state, settings, t.save_total_limit)
+        recipe.train_mode(optimizer)
+        return path
 
     # --- train
-    metrics = TrainingMetrics(accelerator, output_dir, total_steps)
+    metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step)
+    preemption = PreemptionRequest(accelerator)
     recipe.train_mode(optimizer)
     model.train()
-    step, epoch, started = 0, 0, time.perf_counter()
+    started = time.perf_counter()
     step_loss = torch.zeros((), device=accelerator.device)
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: every loss finite so far
     grad_norm = None
-    while step < total_steps:
-        for batch in train_loader:
+    while state.step < total_steps:
+        shuffle.manual_seed(t.seed + state.epoch)  # each epoch's order depends only on (seed, epoch): resumable
+        batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                recipe.backward(accelerator, optimizer, loss, scheduler.get_last_lr()[0])
+                recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
                 grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm) or grad_norm
             step_loss += loss.detach() / t.gradient_accumulation_steps
+            state.batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            step += 1
-            metrics.add_step(step_loss, tokens=batch["input_ids"].numel() * accelerator.num_processes
-                             * t.gradient_accumulation_steps)
+            state.step += 1
+            tokens = batch["input_ids"].numel() * accelerator.num_processes * t.gradient_accumulation_steps
+            state.tokens_seen += tokens
+            first_bad_step = torch.where((first_bad_step == 0) & ~step_loss.isfinite(), state.step, first_bad_step)
+            metrics.add_step(step_loss, tokens=tokens)
             step_loss = torch.zeros_like(step_loss)
-            if step % t.logging_steps == 0 or step == total_steps:
-                metrics.flush(step, lr=lr, grad_norm=grad_norm, epoch=epoch)
-            if t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
+            if state.step % t.logging_steps == 0 or state.step == total_steps:
+                stop_if_nonfinite(accelerator, None, first_bad_step, output_dir)
+                metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
+            if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total_steps:
                 recipe.eval_mode(optimizer)
-                metrics.write({"step": step, "eval_loss": evaluate(model, eval_loader, accelerator)})
+                metrics.write({"step": state.step, "eval_loss": evaluate(model, eval_loader, accelerator)})
                 recipe.train_mode(optimizer)
-            if step >= total_steps:
+            if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
+                checkpoint()
+            if preemption.requested():
+                path = checkpoint()
+                accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} at "
+                                  f"step {state.step}; rerun the same command with --resume_from_checkpoint latest")
+                metrics.close()
+                accelerator.end_training()
+                return {"step": state.step, "preempted": True, "checkpoint": str(path)}
+            if state.step >= total_steps:
                 break
-        epoch += 1
+        else:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
     # --- evaluate and save the weights to keep (for schedule-free: x, in eval mode)
+    stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
     recipe.eval_mode(optimizer)
     eval_loss = evaluate(model, eval_loader, accelerator)
     save_model(accelerator, model, tokenizer, output_dir)
     recipe.train_mode(optimizer)
-    results = {"step": step, "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700)),
-               "train_runtime_s": time.perf_counter() - started, "num_processes": accelerator.num_processes}
+    results = {"step": state.step, "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700)),
+               "train_runtime_s": time.perf_counter() - started, "tokens_seen": state.tokens_seen,
+               "num_processes": accelerator.num_processes}
     metrics.write(results)
     metrics.close()
     if accelerator.is_main_process:
         write_json(output_dir / "results.json", results)
     accelerator.end_training()
     return results
+
+
+def stop_if_nonfinite(accelerator: Accelerator, model, first_bad_step: torch.Tensor, output_dir: Path) -> None:
+    """Raise TrainingStopped if a loss (or, with a model given, a weight on any rank) is not finite."""
+    bad_step = int(accelerator.reduce(first_bad_step.clone(), reduction="max").item())
+    weights_bad = 0.0
+    if model is not None:
+        local = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters())
+        weights_bad = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item()
+    if bad_step or weights_bad:
+        found = checkpoints_in(output_dir)
+        last_good = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written before it"
+        where = f"the loss became non-finite at step {bad_step}" if bad_step else "the weights became non-finite"
+        raise TrainingStopped(f"{where}; stopped without saving. {last_good}: resume from it with "
+                              "--resume_from_checkpoint and a lower --learning_rate")

@@ -38,8 +38,10 @@ def unwrap_optimizer(optimizer):
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, not on biases and norm weights (the Transformers Trainer's convention)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]  # ZeRO-3 partitions at construction
+    groups = [{"params": [p for p, m in zip(params, is_matrix) if m], "weight_decay": weight_decay},
+              {"params": [p for p, m in zip(params, is_matrix) if not m], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class OptimizerRecipe:
@@ -73,7 +75,7 @@ class OptimizerRecipe:
     def scheduler_warmup_steps(self, config: Config) -> int:
         return config.train.warmup_steps
 
-    def backward(self, accelerator: Accelerator, optimizer, loss: torch.Tensor, lr: float) -> None:
+    def backward(self, accelerator: Accelerator, model, optimizer, loss: torch.Tensor, lr: float) -> None:
         accelerator.backward(loss)
 
     def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:
@@ -105,7 +107,7 @@ class FusedBackwardRecipe(OptimizerRecipe):
                     "--gradient_accumulation_steps 1 with a larger --per_device_train_batch_size, or the adamw recipe")
         return None
 
-    def backward(self, accelerator: Accelerator, optimizer, loss: torch.Tensor, lr: float) -> None:
+    def backward(self, accelerator: Accelerator, model, optimizer, loss: torch.Tensor, lr: float) -> None:
         fused = unwrap_optimizer(optimizer)
         if fused.clip_grad_norm:
             fused.grad_norm(loss)  # first pass: global norm only, graph retained for the update pass

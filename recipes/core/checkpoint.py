@@ -1,0 +1,115 @@
+"""Training checkpoints: atomic, resumable exactly, and checked against the run that wants to resume from them.
+
+A checkpoint is `output_dir/checkpoint-<step>/`: accelerate's `save_state` (model as safetensors, optimizer,
+scheduler, every process's RNG state) plus `trainer_state.json` (step, data position, token count and the settings
+a resume must share). It is written under a temporary name and renamed when complete, so a folder named
+`checkpoint-<step>` is always whole and `latest` never resolves to a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from recipes.core.config import Config, ConfigError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Settings that fix the data order, the batch and the optimizer: a resume must match them to be exact.
+MUST_MATCH = ("recipe", "dataset_name", "dataset_config_name", "text_column", "block_size", "seed",
+              "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    tokens_seen: int = 0
+
+
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(config: Config) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names (`latest`: the newest in output_dir), checked for a match."""
+    spec = config.train.resume_from_checkpoint
+    if not spec:
+        return None
+    if spec == "latest":
+        found = checkpoints_in(Path(config.train.output_dir))
+        if not found:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {config.train.output_dir}; "
+                              "give a checkpoint folder, or drop the flag to start fresh")
+        path = found[-1]
+    else:
+        path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint (no {STATE_FILE}); "
+                          "give a checkpoint-<step> folder or 'latest'")
+    saved = json.loads((path / STATE_FILE).read_text())["settings"]
+    current = resume_settings(config)
+    for key in MUST_MATCH:
+        if key in current and saved.get(key) != current[key]:
+            raise ConfigError(f"--resume_from_checkpoint {path}: it was written with {key}={saved.get(key)!r}, this run "
+                              f"has {key}={current[key]!r}; resume with the same {key} or start a fresh run")
+    return path
+
+
+def resume_settings(config: Config, **resolved) -> dict:
+    """What a checkpoint records of its run; `resolved` adds what is known only once the run is set up."""
+    t, d = config.train, config.data
+    settings = {"recipe": config.recipe, "dataset_name": d.dataset_name, "dataset_config_name": d.dataset_config_name,
+                "text_column": d.text_column, "seed": t.seed,
+                "per_device_train_batch_size": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    if d.block_size is not None:
+        settings["block_size"] = d.block_size
+    settings.update(resolved)
+    return settings
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, settings: dict,
+                    save_total_limit: int | None) -> Path:
+    """Write checkpoint-<step> atomically (every rank takes part), then drop the oldest beyond the limit."""
+    final = output_dir / f"checkpoint-{state.step}"
+    partial = output_dir / f".checkpoint-{state.step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps({**asdict(state), "settings": settings}, indent=2) + "\n")
+        if final.exists():  # the same step saved again (after a resume): swap it out whole
+            stale = output_dir / f".checkpoint-{state.step}.stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        if save_total_limit:
+            for old in checkpoints_in(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states (accelerate loads them with weights_only=True)."""
+    accelerator.load_state(str(path))
+    saved = json.loads((path / STATE_FILE).read_text())
+    return TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})

@@ -1,0 +1,43 @@
+"""Fault injection for tests, loaded by Python at start-up when this folder is on PYTHONPATH.
+
+It changes nothing unless one of these is set:
+- INJECT_SLOW_SAVE=N: the N-th checkpoint save (1-based) writes its files, touches `<dir>/.save-in-progress`,
+  then sleeps, so a test can SIGKILL the run in the middle of a save.
+- INJECT_NAN_AT_STEP=N: the N-th training forward pass of a Llama returns a NaN loss.
+"""
+
+import os
+
+if os.environ.get("INJECT_SLOW_SAVE"):
+    import time
+
+    import accelerate
+
+    _save_state = accelerate.Accelerator.save_state
+    _saves = [0]
+
+    def save_state(self, output_dir=None, *args, **kwargs):
+        result = _save_state(self, output_dir, *args, **kwargs)
+        _saves[0] += 1
+        if _saves[0] == int(os.environ["INJECT_SLOW_SAVE"]):
+            open(os.path.join(output_dir, ".save-in-progress"), "w").close()
+            time.sleep(120)
+        return result
+
+    accelerate.Accelerator.save_state = save_state
+
+if os.environ.get("INJECT_NAN_AT_STEP"):
+    from transformers.models.llama import modeling_llama
+
+    _forward = modeling_llama.LlamaForCausalLM.forward
+    _calls = [0]
+
+    def forward(self, *args, **kwargs):
+        out = _forward(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            _calls[0] += 1
+            if _calls[0] == int(os.environ["INJECT_NAN_AT_STEP"]):
+                out.loss = out.loss * float("nan")
+        return out
+
+    modeling_llama.LlamaForCausalLM.forward = forward

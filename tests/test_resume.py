@@ -1,0 +1,170 @@
+"""Exact resume for every optimizer, atomic checkpoints, preemption by signal, and the non-finite-loss stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipes.core.optimizer_recipe import RECIPE_NAMES
+from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, train_losses
+
+FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
+# batch 32 gives 9 optimizer steps per epoch on the embedded corpus: the resumed part crosses an epoch boundary
+RUN = ["--per_device_train_batch_size", "32", "--max_steps", "14", "--logging_steps", "1"]
+
+
+def losses_by_step(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_resume_is_bit_exact(recipe, tmp_path):
+    """Straight run vs the same run resumed from its step-7 checkpoint: identical losses and final weights.
+
+    CPU math here is deterministic, so equality is exact. Schedule-free saves at x (eval mode) and resumes with
+    train(); both runs go through that same switch at step 7, so they stay bit-identical too.
+    """
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(recipe, *RUN, "--save_steps", "7", "--output_dir", str(straight))
+    checkpoint = straight / "checkpoint-7"
+    assert checkpoint.is_dir()
+    # every file accelerate wrote loads with weights_only=True (no pickled objects)
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.load(checkpoint / name, weights_only=True)
+    launch(recipe, *RUN, "--save_steps", "7", "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint))
+    full, rest = losses_by_step(straight), losses_by_step(resumed)
+    assert sorted(rest) == list(range(8, 15))
+    assert [rest[s] for s in rest] == [full[s] for s in rest]
+    assert_same_weights(straight, resumed)
+
+
+def test_adalomo_and_grokadamw_state_is_in_the_checkpoint(tmp_path):
+    """The state upstream keeps outside state_dict is saved: AdaLomo's moments and step, GrokAdamW's moments."""
+    for recipe in ("adalomo", "grokadamw"):
+        out = tmp_path / recipe
+        launch(recipe, "--max_steps", "4", "--save_steps", "3", "--output_dir", str(out))
+        state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=True)
+        if recipe == "adalomo":
+            assert state["adalomo"]["step_num"] == 3
+            assert all(v.abs().sum() > 0 for v in state["adalomo"]["exp_avg_sq_row"].values())
+        else:
+            moments = [s for g in state["param_groups"] for s in g["state"].values()]
+            assert moments and all(s["step"] == 3 and s["exp_avg"].abs().sum() > 0 for s in moments)
+
+
+def start(recipe: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu.yaml"),
+           str(REPO / "recipes" / f"{recipe}.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=offline_env(**(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(tmp_path):
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    args = ["--max_steps", "12", "--save_steps", "4", "--logging_steps", "1"]
+    proc = start("adamw", *args, "--output_dir", str(out),
+                 env={"PYTHONPATH": FAULTS, "INJECT_SLOW_SAVE": "2"})  # the save at step 8 hangs
+    partial = out / ".checkpoint-8.partial"
+    wait_for(lambda: (partial / ".save-in-progress").exists())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint-8").exists()
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+
+    resumed = launch("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    assert f"resuming at step 4 from {out / 'checkpoint-4'}" in resumed.stdout
+    launch("adamw", *args, "--output_dir", str(straight))
+    assert losses_by_step(out)[12] == losses_by_step(straight)[12]
+    assert_same_weights(out, straight)
+    assert not partial.exists() or not (out / "checkpoint-8" / ".save-in-progress").exists()
+
+
+def test_sigterm_checkpoints_exits_zero_and_resume_matches_an_uninterrupted_run(tmp_path):
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    args = ["--max_steps", "200", "--logging_steps", "1", "--save_steps", "0"]
+    proc = start("adamw", *args, "--output_dir", str(out))
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3)
+    recipe_process = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "adamw.py" in " ".join(c.cmdline()))
+    recipe_process.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received: saved" in stdout and "--resume_from_checkpoint latest" in stdout
+    assert not (out / "model.safetensors").exists()  # not finished: only the checkpoint
+    stopped_at = max(losses_by_step(out))
+    assert (out / f"checkpoint-{stopped_at}").is_dir() and stopped_at < 200
+
+    launch("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    launch("adamw", *args, "--output_dir", str(straight))
+    assert losses_by_step(out)[200] == losses_by_step(straight)[200]
+    assert results(out)["eval_loss"] == results(straight)["eval_loss"]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    proc = launch("adamw", "--max_steps", "20", "--save_steps", "3", "--logging_steps", "1", "--output_dir", str(out),
+                  env={"PYTHONPATH": FAULTS, "INJECT_NAN_AT_STEP": "5"}, check=False)
+    assert proc.returncode != 0
+    assert (f"adamw: stopped: the loss became non-finite at step 5; stopped without saving. the last good checkpoint "
+            f"is {out / 'checkpoint-3'}: resume from it") in proc.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
+    assert not (out / "model.safetensors").exists()
+    assert torch.isfinite(torch.stack(list(load_file(out / "checkpoint-3" / "model.safetensors").values())[0:1])).all()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--max_steps", "4"], "holds checkpoints of an earlier run; resume it with --resume_from_checkpoint latest"),
+    (["--max_steps", "4", "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "4"],
+     "it was written with per_device_train_batch_size=8, this run has per_device_train_batch_size=4"),
+])
+def test_resume_that_cannot_be_exact_is_refused(change, expected, tmp_path):
+    out = tmp_path / "out"
+    launch("adamw", "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out / "run"))
+    (out / "run" / "model.safetensors").unlink()  # as if the run had been preempted after its checkpoints
+    proc = launch("adamw", *change, "--output_dir", str(out / "run"), check=False)
+    assert proc.returncode != 0 and expected in proc.stderr
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path):
+    out = tmp_path / "out"
+    launch("adamw", "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out))
+    proc = launch("lomo", "--max_steps", "4", "--output_dir", str(tmp_path / "other"),
+                  "--resume_from_checkpoint", str(out / "checkpoint-2"), check=False)
+    assert proc.returncode != 0
+    assert "it was written with recipe='adamw', this run has recipe='lomo'" in proc.stderr
+    assert "parameters" not in proc.stdout  # refused before any model loaded
+
+
+def test_latest_with_no_checkpoint_is_refused(tmp_path):
+    proc = launch("adamw", "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "empty"), check=False)
+    assert proc.returncode != 0
+    assert "--resume_from_checkpoint latest: no checkpoint in" in proc.stderr
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    out = tmp_path / "out"
+    launch("adamw", "--max_steps", "10", "--save_steps", "2", "--save_total_limit", "2", "--output_dir", str(out))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
