@@ -9,7 +9,7 @@ checkpointing, --bf16.
 Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead).
 """
 
-from recipes.core.lomo_fixes import AdaLomoOnModelDevice
+from recipes.core.lomo_fixes import AdaLomoOnModelDevice, average_gradients_across_processes
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import FusedBackwardRecipe
 
@@ -21,6 +21,7 @@ class AdaLomoRecipe(FusedBackwardRecipe):
 
     def build(self, model, config):
         t, o = config.train, config.optim
+        average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
         return AdaLomoOnModelDevice(model, lr=t.learning_rate, loss_scale=o.loss_scale,
                                     clip_grad_norm=t.max_grad_norm or None, clip_grad_value=o.clip_grad_value,
                                     weight_decay=t.weight_decay)

@@ -9,6 +9,7 @@ Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; 
 
 from lomo_optim import Lomo
 
+from recipes.core.lomo_fixes import average_gradients_across_processes
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import FusedBackwardRecipe
 
@@ -20,6 +21,7 @@ class LomoRecipe(FusedBackwardRecipe):
 
     def build(self, model, config):
         t, o = config.train, config.optim
+        average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
         return Lomo(model, lr=t.learning_rate, clip_grad_norm=t.max_grad_norm or None,
                     clip_grad_value=o.clip_grad_value, weight_decay=t.weight_decay)
 

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from lomo_optim import AdaLomo
 
 
@@ -17,6 +18,27 @@ def _cuda_calls_go_to(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.Tensor.cuda = original
+
+
+def average_gradients_across_processes(model: torch.nn.Module) -> None:
+    """Make every gradient LOMO sees the mean over all processes (call before building Lomo/AdaLomo).
+
+    lomo-optim 0.1.1's non-ZeRO update has no all-reduce: under DDP each process would update its replica with its
+    own local gradient and the replicas drift apart. A tensor hook registered first replaces each parameter's
+    gradient with its all-reduced mean before LOMO's hook consumes it; the loop runs LOMO's backward under
+    `no_sync`, so DDP's own reducer adds nothing. Backward order is the same on every rank, so the collectives match.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+
+    def averaged(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may share the incoming buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.div_(dist.get_world_size())
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(averaged)
 
 
 class AdaLomoOnModelDevice(AdaLomo):

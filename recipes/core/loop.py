@@ -30,6 +30,7 @@ from recipes.core.data import collate_causal_lm, load_raw_datasets, tokenize_and
 from recipes.core.metrics import TrainingMetrics
 from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.preemption import PreemptionRequest
+from recipes.core.replicas import replicas_identical
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -192,7 +193,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
         shuffle.manual_seed(t.seed + state.epoch)  # each epoch's order depends only on (seed, epoch): resumable
         batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in batches:
-            with accelerator.accumulate(model):
+            with recipe.micro_step_context(accelerator, model):
                 loss = model(**batch).loss
                 recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
                 grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm) or grad_norm
@@ -233,11 +234,14 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
     recipe.eval_mode(optimizer)
     eval_loss = evaluate(model, eval_loader, accelerator)
+    identical = replicas_identical(accelerator, model)
+    if not identical:
+        accelerator.print(f"{recipe.name}: WARNING: the processes hold different weights at the end of training")
     save_model(accelerator, model, tokenizer, output_dir)
     recipe.train_mode(optimizer)
     results = {"step": state.step, "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700)),
                "train_runtime_s": time.perf_counter() - started, "tokens_seen": state.tokens_seen,
-               "num_processes": accelerator.num_processes}
+               "num_processes": accelerator.num_processes, "replicas_identical": identical}
     metrics.write(results)
     metrics.close()
     if accelerator.is_main_process:

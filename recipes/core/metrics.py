@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 
 class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0):
+        """A resumed run (first_step > 0) appends to metrics.jsonl; a fresh one starts it anew."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.is_main, desc="training",
                         dynamic_ncols=True)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a") if self.is_main else None
+        self.jsonl = open(output_dir / "metrics.jsonl", "a" if first_step else "w") if self.is_main else None
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._steps = 0
         self._tokens = 0

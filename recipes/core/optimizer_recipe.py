@@ -75,6 +75,10 @@ class OptimizerRecipe:
     def scheduler_warmup_steps(self, config: Config) -> int:
         return config.train.warmup_steps
 
+    def micro_step_context(self, accelerator: Accelerator, model):
+        """Wraps forward + backward (+ step) of one micro-batch: accelerate's gradient accumulation and DDP sync."""
+        return accelerator.accumulate(model)
+
     def backward(self, accelerator: Accelerator, model, optimizer, loss: torch.Tensor, lr: float) -> None:
         accelerator.backward(loss)
 
@@ -106,6 +110,11 @@ class FusedBackwardRecipe(OptimizerRecipe):
                     f"(--gradient_accumulation_steps {config.train.gradient_accumulation_steps}); use "
                     "--gradient_accumulation_steps 1 with a larger --per_device_train_batch_size, or the adamw recipe")
         return None
+
+    def micro_step_context(self, accelerator: Accelerator, model):
+        # Gradients are averaged per parameter by average_gradients_across_processes. DDP must not reduce them as
+        # well: it decides in forward, and would write reduced .grad back after LOMO consumed it (a second update).
+        return accelerator.no_sync(model)
 
     def backward(self, accelerator: Accelerator, model, optimizer, loss: torch.Tensor, lr: float) -> None:
         fused = unwrap_optimizer(optimizer)
