@@ -6,7 +6,9 @@ unconditionally, which fails on CPU.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --loss_scale (static, default
 1024; lower it if losses go NaN), --max_grad_norm (a second backward pass, so off by default), gradient
 checkpointing, --bf16.
-Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead).
+Works under DDP (gradients averaged per parameter before each fused update) and FSDP.
+Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
+DeepSpeed ZeRO (not yet: DeepSpeed's engine owns backward), fp16 mixed precision (use bf16).
 """
 
 from recipes.core.lomo_fixes import AdaLomoOnModelDevice, average_gradients_across_processes

@@ -3,13 +3,13 @@
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0; GrokAdamW
 also clips each tensor to norm 1.0 itself), --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon,
 --grokadamw_alpha_init, --grokadamw_lamb, --grokadamw_gamma (per-position momentum decay).
-Refuses: nothing. Built through GrokAdamWWithCheckpointableState (recipes/core/grokadamw_fixes.py): grokadamw
+Refuses: DeepSpeed ZeRO (its flat partitions erase the per-tensor clipping and momentum decay). Built through GrokAdamWWithCheckpointableState (recipes/core/grokadamw_fixes.py): grokadamw
 0.1.2 keys its moments by Parameter object, so they would not survive a checkpoint. No grokking signal function is set (as in the Transformers Trainer), so the EMA decay stays at
 alpha_init. Memory: 3 state tensors per parameter, kept on the CPU by grokadamw 0.1.2.
 """
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, refuse_flattened_partitions
 
 
 class GrokAdamWRecipe(OptimizerRecipe):
@@ -17,6 +17,8 @@ class GrokAdamWRecipe(OptimizerRecipe):
     default_learning_rate = 1e-3
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "grokadamw_alpha_init", "grokadamw_lamb",
                    "grokadamw_gamma")
+    def refuse(self, config):
+        return refuse_flattened_partitions(self, config, "GrokAdamW clips each tensor and decays momentum by each tensor's position")
 
     def build(self, model, config):
         # Imported here, after `recipes` is: run as a script, this file would otherwise shadow the package.

@@ -4,7 +4,9 @@ Each parameter is updated by a hook as its gradient arrives, at the scheduled lr
 (accelerator.backward(loss, learning_rate=lr)); there is no optimizer.step().
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --max_grad_norm (LOMO's
 clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
-Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead).
+Works under DDP (gradients averaged per parameter before each fused update) and FSDP.
+Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
+DeepSpeed ZeRO (not yet: DeepSpeed's engine owns backward), fp16 mixed precision (use bf16).
 """
 
 from lomo_optim import Lomo

@@ -4,7 +4,10 @@ Weights are y while training and x (the average) when evaluated or saved: the lo
 evaluation and save, so the saved model is x, and train() before training resumes.
 Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
-Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
+Under DeepSpeed ZeRO-2 the master weights are copied into the module after each switch, so x is evaluated and
+saved there too (recipes/core/deepspeed_fixes.py).
+Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own); DeepSpeed ZeRO-3 (it steps one
+sub-group at a time with the other parameters detached, which the mode switches cannot follow).
 """
 
 import schedulefree

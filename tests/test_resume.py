@@ -168,3 +168,19 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
     out = tmp_path / "out"
     launch("adamw", "--max_steps", "10", "--save_steps", "2", "--save_total_limit", "2", "--output_dir", str(out))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "lomo", "schedule_free_adamw"])
+def test_resume_is_bit_exact_under_two_process_ddp(recipe, tmp_path):
+    """The same as above with 2 DDP processes (16 sequences each): every rank's RNG and data position come back."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ddp = {"config": "multi_gpu.yaml", "env": {"ACCELERATE_USE_CPU": "1"}}
+    run = ["--per_device_train_batch_size", "16", "--max_steps", "14", "--logging_steps", "1", "--save_steps", "7"]
+    launch(recipe, *run, "--output_dir", str(straight), **ddp)
+    assert (straight / "checkpoint-7" / "random_states_1.pkl").is_file()  # one RNG state per rank
+    launch(recipe, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-7"), **ddp)
+    full, rest = losses_by_step(straight), losses_by_step(resumed)
+    assert sorted(rest) == list(range(8, 15))
+    assert [rest[s] for s in rest] == [full[s] for s in rest]
+    assert_same_weights(straight, resumed)
+    assert results(resumed)["replicas_identical"] and results(resumed)["num_processes"] == 2

@@ -19,6 +19,8 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
 
+from recipes.core.launch_setup import LaunchSetup
+
 if TYPE_CHECKING:
     from recipes.core.optimizer_recipe import OptimizerRecipe
 
@@ -110,9 +112,10 @@ class Config:
     train: TrainArguments
     optim: OptimizerArguments
     recipe: str = ""
+    launch: LaunchSetup = field(default_factory=LaunchSetup.from_environment)
 
     def to_dict(self) -> dict:
-        out = {"recipe": self.recipe}
+        out = {"recipe": self.recipe, "launch": self.launch.describe()}
         for part in (self.model, self.data, self.train, self.optim):
             out.update(dataclasses.asdict(part))
         return out

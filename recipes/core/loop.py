@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from recipes.core import embedded
 from recipes.core.checkpoint import (TrainerState, checkpoints_in, load_checkpoint, resolve_checkpoint,
@@ -68,7 +69,9 @@ def load_tokenizer_and_model(config: Config):
     source = m.model_name_or_path or str(embedded.EMBEDDED_DIR)
     tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_name or source, trust_remote_code=m.trust_remote_code)
     if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        # Built from its class, not from_config: outside DeepSpeed's zero.Init, so the same init under every setup.
+        model_config = AutoConfig.from_pretrained(source)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[m.dtype],
                                                      trust_remote_code=m.trust_remote_code)

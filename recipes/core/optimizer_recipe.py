@@ -98,6 +98,15 @@ class OptimizerRecipe:
         """Called before evaluating or saving: the weights must be the ones to evaluate and keep."""
 
 
+def refuse_flattened_partitions(recipe: OptimizerRecipe, config: Config, per_tensor_math: str) -> Optional[str]:
+    """For optimizers whose math is per tensor: DeepSpeed hands them one flat partition per parameter group."""
+    if config.launch.kind == "deepspeed":
+        return (f"{recipe.name} under {config.launch.describe()} would silently change its math: DeepSpeed hands "
+                f"the optimizer one flat 1-D partition per parameter group, and {per_tensor_math}; use "
+                "accelerate_configs/multi_gpu.yaml or fsdp.yaml")
+    return None
+
+
 class FusedBackwardRecipe(OptimizerRecipe):
     """LOMO-family: each parameter is updated by a hook as its gradient arrives, so no gradient is kept."""
 
@@ -109,6 +118,13 @@ class FusedBackwardRecipe(OptimizerRecipe):
             return (f"{self.name} updates the weights inside backward, so gradients cannot be accumulated "
                     f"(--gradient_accumulation_steps {config.train.gradient_accumulation_steps}); use "
                     "--gradient_accumulation_steps 1 with a larger --per_device_train_batch_size, or the adamw recipe")
+        if config.launch.kind == "deepspeed":
+            return (f"{self.name} under {config.launch.describe()} is not supported yet: DeepSpeed's engine owns "
+                    "backward and has no fused-update path (accelerate passes learning_rate into it and fails); use "
+                    "accelerate_configs/multi_gpu.yaml or fsdp.yaml")
+        if config.launch.mixed_precision == "fp16":
+            return (f"{self.name} cannot run with fp16 mixed precision: accelerate's GradScaler backward does not "
+                    "pass the learning rate to the fused update; use bf16 (--bf16 true) or no mixed precision")
         return None
 
     def micro_step_context(self, accelerator: Accelerator, model):
@@ -130,12 +146,22 @@ class FusedBackwardRecipe(OptimizerRecipe):
         return None
 
 
+def copy_master_weights_to_module(optimizer) -> None:
+    from recipes.core.deepspeed_fixes import copy_master_weights_to_module as copy
+
+    copy(optimizer)
+
+
 class ScheduleFreeRecipe(OptimizerRecipe):
     """Schedule-free: evaluate and save at x, train at y; warmup inside the optimizer, LR schedule constant."""
 
     default_lr_scheduler_type = "constant"
 
     def refuse(self, config: Config) -> Optional[str]:
+        if config.launch.kind == "deepspeed" and config.launch.zero_stage == 3:
+            return (f"{self.name} is not supported with ZeRO stage 3, which steps the optimizer one sub-group at a "
+                    "time with the others' parameters detached, so schedule-free's eval()/train() and step counters "
+                    "cannot follow; use accelerate_configs/zero2.yaml or fsdp.yaml")
         if config.train.lr_scheduler_type != "constant":
             return (f"{self.name} replaces the LR schedule with iterate averaging, so --lr_scheduler_type "
                     f"{config.train.lr_scheduler_type} would stack a second schedule on it; use --lr_scheduler_type "
@@ -147,6 +173,8 @@ class ScheduleFreeRecipe(OptimizerRecipe):
 
     def train_mode(self, optimizer) -> None:
         optimizer.train()
+        copy_master_weights_to_module(optimizer)  # under ZeRO the module must follow the master copy to y
 
     def eval_mode(self, optimizer) -> None:
         optimizer.eval()
+        copy_master_weights_to_module(optimizer)  # ... and to x, which is evaluated and saved

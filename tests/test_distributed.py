@@ -1,0 +1,87 @@
+"""Every recipe under every distributed accelerate config, as 2 real processes on CPU (gloo).
+
+A cell that works must: run with world size 2, lower the loss, end with bit-identical replicas (full parameters,
+gathered under ZeRO-3/FSDP), match a 1-process run with the same global batch, and save a full checkpoint that
+from_pretrained loads. A refused cell must stop at start-up with its one-line reason. The README's compatibility
+table is generated from the same refusals and checked here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
+from recipes.core.optimizer_recipe import all_recipes
+from tests.conftest import REPO, launch, results, train_losses
+
+RECIPES = {r.name: r for r in all_recipes()}
+CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
+WORKING = [cell for cell in CELLS if refusal(RECIPES[cell[0]], cell[1]) is None]
+REFUSED = [cell for cell in CELLS if cell not in WORKING]
+STEPS = ["--max_steps", "8", "--logging_steps", "1"]
+# Same global batch: 2 processes x 4 sequences vs 1 process x 8. Summing 8 per-sequence losses in another order
+# (two means of 4, then their mean) changes float rounding at ~1e-7 per step; over 8 steps we allow 1e-5.
+TOLERANCE = 1e-5
+
+
+def launch_two_processes(recipe: str, config: str, *args: str, check: bool = True):
+    # On a CPU-only machine DDP and FSDP need ACCELERATE_USE_CPU=1 to start real processes over gloo (DeepSpeed
+    # picks its CPU accelerator itself; the loop names gloo for it).
+    env = {"ACCELERATE_USE_CPU": "1"} if launch_setup(config).kind in ("ddp", "fsdp") else {}
+    return launch(recipe, *args, config=config, env=env, check=check)
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    done = {}
+
+    def run(recipe: str):
+        if recipe not in done:
+            out = tmp_path_factory.mktemp(f"one-{recipe}")
+            launch(recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out))
+            done[recipe] = out
+        return done[recipe]
+
+    return run
+
+
+@pytest.mark.parametrize("recipe, config", WORKING)
+def test_working_cell(recipe, config, tmp_path, one_process_runs):
+    out = tmp_path / "out"
+    launch_two_processes(recipe, config, *STEPS, "--per_device_train_batch_size", "4", "--output_dir", str(out))
+    reference = one_process_runs(recipe)
+
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert resolved["num_processes"] == 2, resolved["distributed_type"]
+    losses = train_losses(out)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert results(out)["replicas_identical"] is True
+    # Matching the 1-process losses also proves each rank trained on its own half of the batch: had both ranks
+    # seen the same 4 sequences, the mean loss would be that of 4 sequences, not of the 8.
+    assert losses == pytest.approx(train_losses(reference), rel=TOLERANCE)
+    assert results(out)["eval_loss"] == pytest.approx(results(reference)["eval_loss"], rel=TOLERANCE)
+
+    # The saved model is a full checkpoint (gathered from ZeRO-3 / FSDP shards), equal to the 1-process one.
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert saved[name].shape == tensor.shape
+        # per tensor, not per element: Adam-type steps amplify rounding on entries whose second moment is ~0
+        assert (saved[name] - tensor).norm() <= 1e-4 * tensor.norm(), name
+
+
+@pytest.mark.parametrize("recipe, config", REFUSED)
+def test_refused_cell_says_why_at_start_up(recipe, config, tmp_path):
+    out = tmp_path / "out"
+    proc = launch_two_processes(recipe, config, *STEPS, "--output_dir", str(out), check=False)
+    assert proc.returncode != 0
+    assert f"{recipe}: error: {refusal(RECIPES[recipe], config)}" in proc.stderr
+    assert "parameters" not in proc.stdout and not (out / "model.safetensors").exists()
+
+
+def test_readme_holds_the_generated_compatibility_table():
+    assert markdown_table() in (REPO / "README.md").read_text()
