@@ -10,7 +10,7 @@ Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor)
 from transformers.optimization import Adafactor
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, refuse_flattened_partitions
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, factored_numel, refuse_flattened_partitions
 
 
 class AdafactorRecipe(OptimizerRecipe):
@@ -18,6 +18,9 @@ class AdafactorRecipe(OptimizerRecipe):
     default_learning_rate = 3e-3
     def refuse(self, config):
         return refuse_flattened_partitions(self, config, "Adafactor factors the second moment of each matrix into a row and a column")
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return sum(factored_numel(s) for s in shapes) * element_bytes  # no first moment (beta1=None)
 
     def build(self, model, config):
         t = config.train

@@ -13,13 +13,16 @@ DeepSpeed ZeRO (not yet: DeepSpeed's engine owns backward), fp16 mixed precision
 
 from recipes.core.lomo_fixes import AdaLomoOnModelDevice, average_gradients_across_processes
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe
+from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel
 
 
 class AdaLomoRecipe(FusedBackwardRecipe):
     name = "adalomo"
     default_learning_rate = 1e-1  # a from-scratch tiny model has small weights; use 1e-3..5e-4 for fine-tuning
     reads_flags = ("clip_grad_value", "loss_scale")
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return sum(factored_numel(s) for s in shapes) * 4  # fp32 row/column second moments
 
     def build(self, model, config):
         t, o = config.train, config.optim

@@ -8,13 +8,16 @@ Refuses: nothing. Memory: parameters + gradients + 2 fp32 moments per parameter.
 import torch
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel
 
 
 class AdamWRecipe(OptimizerRecipe):
     name = "adamw"
     default_learning_rate = 1e-3
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return sum(2 * numel(s) * element_bytes + 4 for s in shapes)  # exp_avg, exp_avg_sq, fp32 step
 
     def build(self, model, config):
         t, o = config.train, config.optim

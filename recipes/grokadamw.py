@@ -9,7 +9,7 @@ alpha_init. Memory: 3 state tensors per parameter, kept on the CPU by grokadamw 
 """
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, refuse_flattened_partitions
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
 
 
 class GrokAdamWRecipe(OptimizerRecipe):
@@ -19,6 +19,9 @@ class GrokAdamWRecipe(OptimizerRecipe):
                    "grokadamw_gamma")
     def refuse(self, config):
         return refuse_flattened_partitions(self, config, "GrokAdamW clips each tensor and decays momentum by each tensor's position")
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return sum(3 * numel(s) * element_bytes for s in shapes)  # exp_avg, exp_avg_sq, grok_ema (host memory)
 
     def build(self, model, config):
         # Imported here, after `recipes` is: run as a script, this file would otherwise shadow the package.

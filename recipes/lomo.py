@@ -21,6 +21,9 @@ class LomoRecipe(FusedBackwardRecipe):
     default_learning_rate = 0.5  # plain SGD on a from-scratch tiny model; ~1e-2 for fine-tuning a pretrained LLM
     reads_flags = ("clip_grad_value",)
 
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return 0  # plain SGD in backward: no state
+
     def build(self, model, config):
         t, o = config.train, config.optim
         average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients

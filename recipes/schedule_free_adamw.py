@@ -13,13 +13,16 @@ sub-group at a time with the other parameters detached, which the mode switches 
 import schedulefree
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups
+from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
 
 
 class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):
     name = "schedule_free_adamw"
     default_learning_rate = 2.5e-3
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return sum(2 * numel(s) * element_bytes for s in shapes)  # z, exp_avg_sq
 
     def build(self, model, config):
         t, o = config.train, config.optim

@@ -13,13 +13,16 @@ sub-group at a time with the other parameters detached, which the mode switches 
 import schedulefree
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups
+from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
 
 
 class ScheduleFreeSGDRecipe(ScheduleFreeRecipe):
     name = "schedule_free_sgd"
     default_learning_rate = 1.0
     reads_flags = ("sgd_momentum",)
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        return sum(numel(s) * element_bytes for s in shapes)  # z
 
     def build(self, model, config):
         t, o = config.train, config.optim

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
@@ -83,6 +84,12 @@ class TrainArguments:
     seed: int = 42
     gradient_checkpointing: bool = False
     bf16: bool = False
+    profile_memory: bool = field(
+        default=False, metadata={"help": "Break one training step's peak memory down by category (output_dir/"
+                                         "memory_profile.md)."})
+    memory_snapshot_steps: Optional[str] = field(
+        default=None, metadata={"help": "CUDA only: record allocations over steps A-B into output_dir/"
+                                         "memory_snapshot.pickle (open at pytorch.org/memory_viz)."})
     report_to: str = field(default="none", metadata={"help": f"Tracker: one of {', '.join(TRACKERS)}."})
     run_name: Optional[str] = None
 
@@ -208,6 +215,17 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if t.lr_scheduler_type not in schedulers:
         raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type!r} is not a schedule; use one of "
                           f"{', '.join(schedulers)}")
+    if t.memory_snapshot_steps:
+        from recipes.core.memory import parse_step_window
+
+        try:
+            parse_step_window(t.memory_snapshot_steps)
+        except ValueError:
+            raise ConfigError(f"--memory_snapshot_steps {t.memory_snapshot_steps!r}: give a step window A-B with "
+                              "1 <= A <= B, e.g. 3-5") from None
+        if not torch.cuda.is_available():
+            raise ConfigError("--memory_snapshot_steps records CUDA allocations, and there is no CUDA device here; "
+                              "use --profile_memory for a per-category breakdown on any device")
     if t.report_to not in TRACKERS:
         raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
     _validate_dataset_path(d.dataset_name)

@@ -72,6 +72,23 @@ def build_tokenizer_and_config(out_dir: Path = EMBEDDED_DIR) -> None:
     ).save_pretrained(out_dir)
 
 
+def write_scaled_model(out_dir: Path, seed: int = 0, **config_overrides) -> Path:
+    """A randomly initialised model of the embedded architecture with other sizes, saved with the embedded tokenizer
+    (a local folder that from_pretrained loads), e.g. hidden_size=512, num_hidden_layers=8."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(EMBEDDED_DIR)
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"LlamaConfig has no field {key!r}")
+        setattr(config, key, type(getattr(config, key))(value))
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(EMBEDDED_DIR).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 if __name__ == "__main__":
     build_tokenizer_and_config()
     print(f"wrote {EMBEDDED_DIR}")

@@ -28,6 +28,7 @@ from recipes.core.checkpoint import (TrainerState, checkpoints_in, load_checkpoi
                                      resume_settings, save_checkpoint)
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.data import collate_causal_lm, load_raw_datasets, tokenize_and_pack
+from recipes.core.memory import CudaMemoryHistory, StepMemoryProfile, parse_step_window
 from recipes.core.metrics import TrainingMetrics
 from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.preemption import PreemptionRequest
@@ -185,6 +186,9 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
 
     # --- train
     metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step)
+    memory_history = CudaMemoryHistory(output_dir, parse_step_window(t.memory_snapshot_steps), accelerator.device)
+    memory_profile = StepMemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,
+                                       step=min(state.step + 2, total_steps) if t.profile_memory else None)
     preemption = PreemptionRequest(accelerator)
     recipe.train_mode(optimizer)
     model.train()
@@ -192,46 +196,50 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     step_loss = torch.zeros((), device=accelerator.device)
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: every loss finite so far
     grad_norm = None
-    while state.step < total_steps:
-        shuffle.manual_seed(t.seed + state.epoch)  # each epoch's order depends only on (seed, epoch): resumable
-        batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for batch in batches:
-            with recipe.micro_step_context(accelerator, model):
-                loss = model(**batch).loss
-                recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
-                grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm) or grad_norm
-            step_loss += loss.detach() / t.gradient_accumulation_steps
-            state.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            state.step += 1
-            tokens = batch["input_ids"].numel() * accelerator.num_processes * t.gradient_accumulation_steps
-            state.tokens_seen += tokens
-            first_bad_step = torch.where((first_bad_step == 0) & ~step_loss.isfinite(), state.step, first_bad_step)
-            metrics.add_step(step_loss, tokens=tokens)
-            step_loss = torch.zeros_like(step_loss)
-            if state.step % t.logging_steps == 0 or state.step == total_steps:
-                stop_if_nonfinite(accelerator, None, first_bad_step, output_dir)
-                metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
-            if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total_steps:
-                recipe.eval_mode(optimizer)
-                metrics.write({"step": state.step, "eval_loss": evaluate(model, eval_loader, accelerator)})
-                recipe.train_mode(optimizer)
-            if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
-                checkpoint()
-            if preemption.requested():
-                path = checkpoint()
-                accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} at "
-                                  f"step {state.step}; rerun the same command with --resume_from_checkpoint latest")
-                metrics.close()
-                accelerator.end_training()
-                return {"step": state.step, "preempted": True, "checkpoint": str(path)}
-            if state.step >= total_steps:
-                break
-        else:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    with memory_history.dump_on_out_of_memory():  # a CUDA OOM leaves a snapshot behind
+        while state.step < total_steps:
+            shuffle.manual_seed(t.seed + state.epoch)  # each epoch's order depends only on (seed, epoch): resumable
+            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            for batch in batches:
+                memory_history.before_step(state.step + 1)
+                with (recipe.micro_step_context(accelerator, model),  # sets sync_gradients for the next line
+                      memory_profile.measure(state.step + 1, accelerator.sync_gradients)):
+                    loss = model(**batch).loss
+                    recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
+                    grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm) or grad_norm
+                step_loss += loss.detach() / t.gradient_accumulation_steps
+                state.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                state.step += 1
+                memory_history.after_step(state.step)
+                tokens = batch["input_ids"].numel() * accelerator.num_processes * t.gradient_accumulation_steps
+                state.tokens_seen += tokens
+                first_bad_step = torch.where((first_bad_step == 0) & ~step_loss.isfinite(), state.step, first_bad_step)
+                metrics.add_step(step_loss, tokens=tokens)
+                step_loss = torch.zeros_like(step_loss)
+                if state.step % t.logging_steps == 0 or state.step == total_steps:
+                    stop_if_nonfinite(accelerator, None, first_bad_step, output_dir)
+                    metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
+                if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total_steps:
+                    recipe.eval_mode(optimizer)
+                    metrics.write({"step": state.step, "eval_loss": evaluate(model, eval_loader, accelerator)})
+                    recipe.train_mode(optimizer)
+                if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
+                    checkpoint()
+                if preemption.requested():
+                    path = checkpoint()
+                    accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} at "
+                                      f"step {state.step}; rerun the same command with --resume_from_checkpoint latest")
+                    metrics.close()
+                    accelerator.end_training()
+                    return {"step": state.step, "preempted": True, "checkpoint": str(path)}
+                if state.step >= total_steps:
+                    break
+            else:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
     # --- evaluate and save the weights to keep (for schedule-free: x, in eval mode)
     stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)

@@ -14,6 +14,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from recipes.core.memory import PeakMemoryMeter
+
 
 class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0):
@@ -27,6 +29,7 @@ class TrainingMetrics:
         self._steps = 0
         self._tokens = 0
         self._started = time.perf_counter()
+        self.memory = PeakMemoryMeter(accelerator.device)
 
     def add_step(self, loss_sum: torch.Tensor, tokens: int) -> None:
         """One optimizer step: its loss (mean over micro-batches, this process) and the tokens all processes saw."""
@@ -41,6 +44,7 @@ class TrainingMetrics:
         elapsed = time.perf_counter() - self._started
         record = {"step": step, "loss": loss, "tokens_per_s": self._tokens / elapsed if elapsed > 0 else 0.0}
         record.update({k: v for k, v in extra.items() if v is not None})
+        record.update(self.memory.read_and_reset())  # this process's peak since the last log point
         self._loss_sum.zero_()
         self._steps, self._tokens, self._started = 0, 0, time.perf_counter()
         self.write(record)
@@ -49,7 +53,7 @@ class TrainingMetrics:
     def write(self, record: dict) -> None:
         if not self.is_main:
             return
-        self.bar.set_postfix({k: _short(v) for k, v in record.items() if k in ("loss", "lr", "tokens_per_s")})
+        self.bar.set_postfix({k: _short(v) for k, v in record.items() if k in ("loss", "lr", "tokens_per_s", "peak_allocated_gib", "peak_rss_gib")})
         self.bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items()))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()

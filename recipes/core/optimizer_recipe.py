@@ -28,6 +28,17 @@ def all_recipes() -> list[OptimizerRecipe]:
     return [importlib.import_module(f"recipes.{name}").RECIPE for name in RECIPE_NAMES]
 
 
+def numel(shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel()
+
+
+def factored_numel(shape: tuple[int, ...]) -> int:
+    """Elements of an Adafactor-style second moment: a row and a column for a matrix, the whole of a vector."""
+    if len(shape) < 2:
+        return numel(shape)
+    return numel(shape[:-1]) + numel(shape[:-2] + shape[-1:])
+
+
 def unwrap_optimizer(optimizer):
     """The upstream optimizer inside accelerate's (and DeepSpeed's) wrappers."""
     while hasattr(optimizer, "optimizer"):
@@ -52,6 +63,15 @@ class OptimizerRecipe:
     default_lr_scheduler_type: str = "linear"
     default_max_grad_norm: float = 1.0
     reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
+    keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
+
+    def optimizer_state_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
+        """Bytes of optimizer state for parameters of these shapes (for the memory estimator)."""
+        raise NotImplementedError
+
+    def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
+        """Bytes of gradients alive at once: all of them, for an optimizer that steps after backward."""
+        return sum(numel(s) for s in shapes) * element_bytes
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -109,6 +129,13 @@ def refuse_flattened_partitions(recipe: OptimizerRecipe, config: Config, per_ten
 
 class FusedBackwardRecipe(OptimizerRecipe):
     """LOMO-family: each parameter is updated by a hook as its gradient arrives, so no gradient is kept."""
+
+    keeps_master_weights = False  # updates the weights in their own dtype, in backward
+
+    def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
+        # one parameter's gradient at a time, upcast to fp32 for the update when the weights are 16-bit
+        upcast = 4 if element_bytes < 4 else 0
+        return max(numel(s) for s in shapes) * (element_bytes + upcast)
 
     default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
     default_lr_scheduler_type = "linear"

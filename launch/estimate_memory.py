@@ -1,0 +1,62 @@
+"""Estimate training memory per device for all seven recipes side by side, without loading a weight.
+
+    python launch/estimate_memory.py --model_name_or_path meta-llama/Llama-3.1-8B --precision bf16-mixed \\
+        --per_device_train_batch_size 1 --block_size 4096 --gradient_checkpointing --world_size 8 --zero_stage 3
+
+Only the model's config is read (from the hub or a local folder); the model is built on the meta device. Without
+--model_name_or_path the embedded tiny Llama is used. Method: recipes/core/memory_estimate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from recipes.core.memory_estimate import PRECISIONS, estimate, meta_model
+from recipes.core.optimizer_recipe import all_recipes
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "total")
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def estimate_table(args) -> str:
+    model = meta_model(args.model_name_or_path, args.trust_remote_code)
+    rows = {}
+    for recipe in all_recipes():
+        rows[recipe.name] = estimate(recipe, model, args.precision, args.per_device_train_batch_size,
+                                     args.block_size, args.gradient_checkpointing, args.world_size,
+                                     args.zero_stage).as_dict()
+    names = list(rows)
+    lines = ["| per device | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for cat in CATEGORIES:
+        lines.append(f"| {cat} | " + " | ".join(human(rows[n][cat]) for n in names) + " |")
+    adamw = rows["adamw"]["total"]
+    lines.append("| total vs adamw | " + " | ".join(f"{rows[n]['total'] / adamw:.2f}x" for n in names) + " |")
+    params = sum(p.numel() for p in model.parameters())
+    setup = (f"{args.model_name_or_path or 'embedded tiny Llama'} ({params / 1e6:.1f}M parameters), {args.precision}, "
+             f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, gradient checkpointing "
+             f"{'on' if args.gradient_checkpointing else 'off'}, world size {args.world_size}, ZeRO stage "
+             f"{args.zero_stage}")
+    return setup + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=None)
+    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--world_size", type=int, default=1)
+    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
+    print(estimate_table(parser.parse_args(argv)), end="")
+
+
+if __name__ == "__main__":
+    main()

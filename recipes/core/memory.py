@@ -1,0 +1,199 @@
+"""Where memory goes during training, measured.
+
+- `PeakMemoryMeter`: the peak since the last log point, for every log line (cheap: two counters read and reset).
+  CUDA: max_memory_allocated / max_memory_reserved. CPU: the process's peak RSS (Linux VmHWM, reset through
+  /proc/self/clear_refs; elsewhere the lifetime peak from getrusage).
+- `CudaMemoryHistory` (`--memory_snapshot_steps A-B`, CUDA only): records allocation history over those steps and
+  dumps memory_snapshot.pickle (open it at pytorch.org/memory_viz); on a CUDA out-of-memory error it dumps
+  oom_snapshot.pickle before the error is re-raised.
+- `StepMemoryProfile` (`--profile_memory`): one training step under torch's MemTracker, on any device, broken down
+  into parameters, gradients, optimizer state, activations and temporaries; written to output_dir as
+  memory_profile.json and memory_profile.md. Disabled, it is a do-nothing context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from recipes.core.optimizer_recipe import unwrap_optimizer
+
+GIB = 1024**3
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
+# MemTracker's reference types -> the categories users read. Tensors we register ourselves (optimizer state that
+# upstream keeps outside optimizer.state, e.g. AdaLomo's moments) come back as "Other".
+_FROM_MEMTRACKER = {"Parameter": "parameters", "Buffer": "parameters", "Gradient": "gradients",
+                    "Optstate": "optimizer_state", "Other": "optimizer_state", "Activation": "activations",
+                    "Temp": "temporaries"}
+
+
+class PeakMemoryMeter:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.read_and_reset()
+
+    def read_and_reset(self) -> dict[str, float]:
+        if self.cuda:
+            peaks = {"peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
+                     "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB}
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peaks
+        return {"peak_rss_gib": _peak_rss_bytes_and_reset() / GIB}
+
+
+def _peak_rss_bytes_and_reset() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return peak
+    except (OSError, StopIteration, ValueError):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def tensors_outside_optimizer_state(optimizer) -> list[torch.Tensor]:
+    """Optimizer-held tensors that `optimizer.state` does not list (found through the state_dict)."""
+    optimizer = unwrap_optimizer(optimizer)
+    known = {id(t) for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)}
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            if id(value) not in known:
+                found[id(value)] = value
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk({k: v for k, v in optimizer.state_dict().items() if k != "state"})
+    return list(found.values())
+
+
+class StepMemoryProfile:
+    """Profiles the optimizer step numbered `step` (its last micro-batch, which carries the update)."""
+
+    def __init__(self, output_dir: Path, model, optimizer, step: int | None, write: bool = True):
+        self.output_dir, self.model, self.optimizer, self.step, self.write = output_dir, model, optimizer, step, write
+        self.result: dict | None = None
+
+    def measure(self, step: int, completes_step: bool):
+        if self.step is None or step != self.step or not completes_step or self.result is not None:
+            return contextlib.nullcontext()
+        return self._tracked()
+
+    @contextlib.contextmanager
+    def _tracked(self):
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker()
+        tracker.track_external(self.model, unwrap_optimizer(self.optimizer))
+        extra = tensors_outside_optimizer_state(self.optimizer)
+        if extra:
+            tracker.track_external(*extra)
+        with tracker:
+            yield
+            held = tracker.get_tracker_snapshot("current")  # what outlives the step: parameters, state, ...
+        self.result = summarize(tracker, self.model, self.step, held)
+        if self.write:
+            write_profile(self.output_dir, self.result)
+
+
+def summarize(tracker, model, step: int, held: dict) -> dict:
+    """The breakdown users read, the peak-time split, and each category's maximum over the step.
+
+    breakdown: parameters, gradients, activations and temporaries at their largest during the step (sampled at
+    module boundaries and at the peak); optimizer state as held after the step. MemTracker files every tensor made
+    inside optimizer.step() as optimizer state, so its maximum would include the step's transient buffers; those
+    still count in the peak.
+    """
+    device, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
+    at_peak = _categorize(peak)
+    largest = dict.fromkeys(CATEGORIES, 0)
+    for stats in tracker.memory_tracking.values():
+        for snapshots in stats.snapshots.values():
+            for snapshot in snapshots:
+                for cat, value in _categorize(snapshot.get(device, {})).items():
+                    largest[cat] = max(largest[cat], value)
+    for cat, value in at_peak.items():
+        largest[cat] = max(largest[cat], value)
+    root = tracker.memory_tracking.get(model)
+    by_state = {getattr(k, "value", k): v for k, v in root.snapshots.items()} if root else {}
+    after_forward = _categorize(by_state["Post-Forward"][-1].get(device, {})) if "Post-Forward" in by_state else {}
+    breakdown = dict(largest, optimizer_state=_categorize(held.get(device, {}))["optimizer_state"])
+    return {"step": step, "device": str(device), "peak_bytes": peak.get("Total", sum(at_peak.values())),
+            "breakdown": breakdown, "at_peak": at_peak, "largest": largest,
+            "activations_after_forward": after_forward.get("activations", 0)}
+
+
+def _categorize(snapshot: dict) -> dict[str, int]:
+    out = dict.fromkeys(CATEGORIES, 0)
+    for key, value in snapshot.items():
+        key = getattr(key, "value", key)
+        if key in _FROM_MEMTRACKER:
+            out[_FROM_MEMTRACKER[key]] += value
+    return out
+
+
+def write_profile(output_dir: Path, result: dict) -> None:
+    (output_dir / "memory_profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Memory of training step {result['step']} on {result['device']}", "",
+             "| category | at the step's peak (MiB) | largest during the step (MiB) |", "|---|---:|---:|"]
+    for cat in CATEGORIES:
+        lines.append(f"| {cat} | {result['at_peak'][cat] / 2**20:.2f} | {result['breakdown'][cat] / 2**20:.2f} |")
+    lines.append(f"| **total at peak** | **{result['peak_bytes'] / 2**20:.2f}** | |")
+    lines += ["", "Optimizer state in the second column is what the optimizer holds after the step; buffers it makes "
+              "and frees inside step() count in the first column."]
+    (output_dir / "memory_profile.md").write_text("\n".join(lines) + "\n")
+
+
+class CudaMemoryHistory:
+    """Allocation history over steps [first, last]; without CUDA or a window it does nothing."""
+
+    def __init__(self, output_dir: Path, steps: tuple[int, int] | None, device: torch.device):
+        self.output_dir = output_dir
+        self.steps = steps if device.type == "cuda" else None
+        self.enabled = device.type == "cuda"
+
+    def before_step(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+
+    def after_step(self, step: int) -> None:
+        if self.steps and step == self.steps[1]:
+            torch.cuda.memory._dump_snapshot(str(self.output_dir / "memory_snapshot.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    @contextlib.contextmanager
+    def dump_on_out_of_memory(self):
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            if self.enabled:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                torch.cuda.memory._dump_snapshot(str(self.output_dir / "oom_snapshot.pickle"))
+                print(f"CUDA out of memory: wrote {self.output_dir / 'oom_snapshot.pickle'} (open it at "
+                      "https://pytorch.org/memory_viz); try --gradient_checkpointing true, a smaller batch, or the "
+                      "lomo/adalomo recipes", file=sys.stderr)
+            raise
+
+
+def parse_step_window(text: str | None) -> tuple[int, int] | None:
+    """'A-B' -> (A, B) with 1 <= A <= B."""
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    window = (int(first), int(last or first))
+    if not 1 <= window[0] <= window[1]:
+        raise ValueError(text)
+    return window

@@ -1,0 +1,100 @@
+"""Memory: what LOMO and AdaLomo save, measured per category; the estimator agrees with the measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from recipes.core.embedded import write_scaled_model
+from recipes.core.optimizer_recipe import RECIPE_NAMES
+from tests.conftest import REPO, launch, offline_env, read_metrics
+
+# A second size where hidden >= 256, so factored moments are small next to the matrices they describe.
+MEDIUM = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2}
+ESTIMATED = ("parameters", "gradients", "optimizer_state", "activations")
+
+
+def memory_report(out, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "memory_report.py"), "--output_dir", str(out), *args],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory):
+    return write_scaled_model(tmp_path_factory.mktemp("medium") / "model", **MEDIUM)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, medium_model):
+    tiny = tmp_path_factory.mktemp("report-tiny")
+    medium = tmp_path_factory.mktemp("report-medium")
+    return {"tiny": (tiny, memory_report(tiny)),
+            "medium": (medium, memory_report(medium, "--model_name_or_path", str(medium_model),
+                                             "--per_device_train_batch_size", "2"))}
+
+
+def test_measured_breakdown_shows_what_lomo_and_adalomo_save(reports, medium_model):
+    rows = reports["medium"][1]["recipes"]
+    adamw, lomo, adalomo = (rows[n]["measured"] for n in ("adamw", "lomo", "adalomo"))
+    param_bytes = adamw["breakdown"]["parameters"]
+    assert adamw["breakdown"]["optimizer_state"] == pytest.approx(2 * param_bytes, rel=0.01)  # exp_avg + exp_avg_sq
+    assert lomo["breakdown"]["optimizer_state"] == 0
+    assert adalomo["breakdown"]["optimizer_state"] <= 0.01 * param_bytes  # factored rows and columns
+    largest_parameter = max(t.numel() * t.element_size() for t in load_file(medium_model / "model.safetensors").values())
+    assert 0 < lomo["breakdown"]["gradients"] <= largest_parameter  # one parameter's gradient at a time
+    assert adamw["breakdown"]["gradients"] == pytest.approx(param_bytes, rel=0.01)
+    assert lomo["peak_bytes"] < adamw["peak_bytes"]
+    assert adalomo["peak_bytes"] < adamw["peak_bytes"]
+
+
+@pytest.mark.parametrize("size", ["tiny", "medium"])
+def test_estimate_agrees_with_measurement_within_10_percent(reports, size):
+    folder, report = reports[size]
+    assert set(report["recipes"]) == set(RECIPE_NAMES)
+    for name, row in report["recipes"].items():
+        for category in ESTIMATED:
+            measured, estimated = row["measured"]["breakdown"][category], row["estimate"][category]
+            assert estimated == pytest.approx(measured, rel=0.10, abs=256), f"{name} {category}"
+    table = (folder / "report.md").read_text()
+    assert all(f"`{name}`" in table for name in RECIPE_NAMES) and "vs adamw" in table
+    with Image.open(folder / "memory.png") as image:
+        image.verify()
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_every_log_line_carries_the_peak_memory_since_the_last(tmp_path):
+    out = tmp_path / "out"
+    launch("adamw", "--max_steps", "4", "--logging_steps", "2", "--output_dir", str(out))
+    logged = [r for r in read_metrics(out) if "loss" in r]
+    key = "peak_allocated_gib" if torch.cuda.is_available() else "peak_rss_gib"
+    assert len(logged) == 2 and all(0 < r[key] < 64 for r in logged)
+
+
+def test_memory_snapshot_steps_needs_cuda_and_says_so(tmp_path):
+    out = tmp_path / "out"
+    proc = launch("adamw", "--max_steps", "3", "--memory_snapshot_steps", "1-2", "--output_dir", str(out),
+                  check=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        assert (out / "memory_snapshot.pickle").stat().st_size > 0
+    else:
+        assert proc.returncode != 0
+        assert "--memory_snapshot_steps records CUDA allocations, and there is no CUDA device here" in proc.stderr
+
+
+def test_estimate_command_prints_all_seven_side_by_side():
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "estimate_memory.py"), "--precision", "bf16-mixed",
+                           "--gradient_checkpointing", "--world_size", "4", "--zero_stage", "3"],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| per device"))
+    assert all(f"`{name}`" in header for name in RECIPE_NAMES)
+    assert "| total vs adamw | 1.00x" in proc.stdout
