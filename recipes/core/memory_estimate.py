@@ -7,7 +7,7 @@ for backward is summed, plus the logits (alive until the loss is reduced), so an
 gradient checkpointing setting is covered. Attention is counted as a flash/memory-efficient kernel saves it (no
 T x T matrix), as real SDPA runs on CPU and GPU.
 
-Precision: "fp32"; "bf16-mixed" as DeepSpeed keeps it (16-bit parameters and gradients, an fp32 master copy counted
+Precision: "fp32"; "bf16-mixed" / "fp16-mixed" as DeepSpeed keeps them (16-bit parameters and gradients, an fp32 master copy counted
 with the optimizer state, fp32 optimizer state; LOMO/AdaLomo update the 16-bit weights in place, no master);
 "bf16" (everything 16-bit). ZeRO stage s over N processes divides optimizer state (s >= 1), gradients (s >= 2) and
 parameters (s = 3) by N.
@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, masking_utils
 
 from recipes.core import embedded
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 
 
 @dataclass
@@ -98,7 +98,7 @@ def estimate(recipe, model, precision: str = "fp32", micro_batch: int = 8, seq_l
     params = numel * weight_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
     grads = recipe.gradient_bytes(shapes, weight_bytes)
     state = recipe.optimizer_state_bytes(shapes, state_bytes)
-    if precision == "bf16-mixed" and recipe.keeps_master_weights:
+    if precision.endswith("-mixed") and recipe.keeps_master_weights:
         state += numel * 4
     activations = activation_bytes(model, micro_batch, seq_len, gradient_checkpointing)
     n = max(world_size, 1)
