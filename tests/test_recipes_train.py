@@ -106,3 +106,17 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     launch("lomo", *args, "--output_dir", str(ckpt), "--gradient_checkpointing", "true")
     assert train_losses(ckpt) == pytest.approx(train_losses(plain), rel=1e-5)
     assert torch.tensor(train_losses(plain)).isfinite().all()
+
+
+def test_recipe_runs_as_a_plain_python_script_and_documents_itself(tmp_path):
+    """`python recipes/grokadamw.py`: the script's own folder must not shadow the grokadamw package."""
+    script = str(REPO / "recipes" / "grokadamw.py")
+    help_text = subprocess.run([sys.executable, script, "--help"], env=offline_env(), capture_output=True,
+                               text=True, timeout=120)
+    assert help_text.returncode == 0 and "Refuses: DeepSpeed ZeRO" in help_text.stdout
+    assert "--grokadamw_lamb" in help_text.stdout and "--learning_rate" in help_text.stdout
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, script, "--max_steps", "3", "--output_dir", str(out)], env=offline_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results(out)["step"] == 3
