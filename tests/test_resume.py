@@ -103,16 +103,18 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(t
     assert not partial.exists() or not (out / "checkpoint-8" / ".save-in-progress").exists()
 
 
-def test_sigterm_checkpoints_exits_zero_and_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_exits_zero_and_resume_matches_an_uninterrupted_run(sig, tmp_path):
+    """SIGTERM (preemption) or SIGUSR1 (SLURM's warning before the time limit)."""
     out, straight = tmp_path / "out", tmp_path / "straight"
     args = ["--max_steps", "200", "--logging_steps", "1", "--save_steps", "0"]
     proc = start("adamw", *args, "--output_dir", str(out))
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3)
     recipe_process = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "adamw.py" in " ".join(c.cmdline()))
-    recipe_process.send_signal(signal.SIGTERM)
+    recipe_process.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "SIGTERM received: saved" in stdout and "--resume_from_checkpoint latest" in stdout
+    assert f"{sig.name} received: saved" in stdout and "--resume_from_checkpoint latest" in stdout
     assert not (out / "model.safetensors").exists()  # not finished: only the checkpoint
     stopped_at = max(losses_by_step(out))
     assert (out / f"checkpoint-{stopped_at}").is_dir() and stopped_at < 200
