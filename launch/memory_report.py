@@ -33,7 +33,8 @@ ESTIMATED = ("parameters", "gradients", "optimizer_state", "activations")
 
 def run_recipe(name: str, args, out: Path) -> dict:
     config = args.config_file or ("single_gpu.yaml" if torch.cuda.is_available() else "cpu.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "accelerate_configs" / config),
            str(REPO / "recipes" / f"{name}.py"), "--profile_memory", "true", "--max_steps", str(args.max_steps),
            "--save_steps", "0", "--logging_steps", "1", "--per_device_train_batch_size",
            str(args.per_device_train_batch_size), "--block_size", str(args.block_size), "--output_dir", str(out),
@@ -54,7 +55,7 @@ def mib(n: float) -> str:
 
 def write_report(folder: Path, rows: dict, setup: str) -> None:
     adamw_peak = rows["adamw"]["measured"]["peak_bytes"]
-    lines = [f"# Training memory by optimizer", "", setup, "",
+    lines = ["# Training memory by optimizer", "", setup, "",
              "Measured in MiB, estimate in brackets: the largest each category reached during the profiled step "
              "(optimizer state: what is held after the step; its transient buffers count in the peak). Peak: the "
              "step's measured peak. Ratio: peak / AdamW's peak.", "",

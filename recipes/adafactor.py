@@ -3,21 +3,25 @@
 Factored second moments: state is a row and a column vector per matrix, not a full-size tensor.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only.
-Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor). Built with relative_step=False, scale_parameter=False, warmup_init=False, so --learning_rate and
+Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor).
+Built with relative_step=False, scale_parameter=False, warmup_init=False, so --learning_rate and
 --lr_scheduler_type drive it (Adafactor's own relative-step schedule is off).
 """
 
 from transformers.optimization import Adafactor
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, factored_numel, refuse_flattened_partitions
+from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, factored_numel,
+                                           refuse_flattened_partitions)
 
 
 class AdafactorRecipe(OptimizerRecipe):
     name = "adafactor"
     default_learning_rate = 3e-3
+
     def refuse(self, config):
-        return refuse_flattened_partitions(self, config, "Adafactor factors the second moment of each matrix into a row and a column")
+        return refuse_flattened_partitions(
+            self, config, "Adafactor factors the second moment of each matrix into a row and a column")
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(factored_numel(s) for s in shapes) * element_bytes  # no first moment (beta1=None)

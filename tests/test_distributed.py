@@ -9,7 +9,6 @@ table is generated from the same refusals and checked here.
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
 from transformers import AutoModelForCausalLM
 

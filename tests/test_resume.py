@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from recipes.core.optimizer_recipe import RECIPE_NAMES
-from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, train_losses
+from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 # batch 32 gives 9 optimizer steps per epoch on the embedded corpus: the resumed part crosses an epoch boundary

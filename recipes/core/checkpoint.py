@@ -62,8 +62,8 @@ def resolve_checkpoint(config: Config) -> Path | None:
     current = resume_settings(config)
     for key in MUST_MATCH:
         if key in current and saved.get(key) != current[key]:
-            raise ConfigError(f"--resume_from_checkpoint {path}: it was written with {key}={saved.get(key)!r}, this run "
-                              f"has {key}={current[key]!r}; resume with the same {key} or start a fresh run")
+            raise ConfigError(f"--resume_from_checkpoint {path}: it was written with {key}={saved.get(key)!r}, "
+                              f"this run has {key}={current[key]!r}; resume with the same {key} or start a fresh run")
     return path
 
 

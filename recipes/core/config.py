@@ -208,7 +208,8 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(t, name)}")
     if config.model.dtype not in WEIGHT_DTYPES:
-        raise ConfigError(f"--dtype {config.model.dtype!r} is not a weights dtype; use one of {', '.join(WEIGHT_DTYPES)}")
+        raise ConfigError(f"--dtype {config.model.dtype!r} is not a weights dtype; use one of "
+                          f"{', '.join(WEIGHT_DTYPES)}")
     if not 0 < d.validation_split_percentage < 100:
         raise ConfigError("--validation_split_percentage must be between 1 and 99")
     schedulers = [s.value for s in SchedulerType]

@@ -1,4 +1,4 @@
-"""A thin fix for schedule-free under DeepSpeed ZeRO (written for deepspeed 0.19.8), tested in tests/test_distributed.py.
+"""A thin fix for schedule-free under DeepSpeed ZeRO-2 (written for deepspeed 0.19.8), tested in test_distributed.py.
 
 Under ZeRO the optimizer steps DeepSpeed's fp32 master partitions; the module weights (what forward, evaluation and
 saving use, in 16 bits under mixed precision) are refreshed from them only at the end of `step()`. Schedule-free's

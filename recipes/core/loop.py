@@ -231,8 +231,9 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
                     checkpoint()
                 if preemption.requested():
                     path = checkpoint()
-                    accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} at "
-                                      f"step {state.step}; rerun the same command with --resume_from_checkpoint latest")
+                    accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} "
+                                      f"at step {state.step}; rerun the same command with "
+                                      "--resume_from_checkpoint latest")
                     metrics.close()
                     accelerator.end_training()
                     return {"step": state.step, "preempted": True, "checkpoint": str(path)}

@@ -7,10 +7,10 @@ for backward is summed, plus the logits (alive until the loss is reduced), so an
 gradient checkpointing setting is covered. Attention is counted as a flash/memory-efficient kernel saves it (no
 T x T matrix), as real SDPA runs on CPU and GPU.
 
-Precision: "fp32"; "bf16-mixed" / "fp16-mixed" as DeepSpeed keeps them (16-bit parameters and gradients, an fp32 master copy counted
-with the optimizer state, fp32 optimizer state; LOMO/AdaLomo update the 16-bit weights in place, no master);
-"bf16" (everything 16-bit). ZeRO stage s over N processes divides optimizer state (s >= 1), gradients (s >= 2) and
-parameters (s = 3) by N.
+Precision: "fp32"; "bf16-mixed" / "fp16-mixed" as DeepSpeed keeps them (16-bit parameters and gradients, an fp32
+master copy counted with the optimizer state, fp32 optimizer state; LOMO/AdaLomo update the 16-bit weights in
+place, no master); "bf16" (everything 16-bit). ZeRO stage s over N processes divides optimizer state (s >= 1),
+gradients (s >= 2) and parameters (s = 3) by N.
 """
 
 from __future__ import annotations

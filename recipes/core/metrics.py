@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from recipes.core.memory import PeakMemoryMeter
 
+BAR_FIELDS = ("loss", "lr", "tokens_per_s", "peak_allocated_gib", "peak_rss_gib")
+
 
 class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0):
@@ -53,7 +55,7 @@ class TrainingMetrics:
     def write(self, record: dict) -> None:
         if not self.is_main:
             return
-        self.bar.set_postfix({k: _short(v) for k, v in record.items() if k in ("loss", "lr", "tokens_per_s", "peak_allocated_gib", "peak_rss_gib")})
+        self.bar.set_postfix({k: _short(v) for k, v in record.items() if k in BAR_FIELDS})
         self.bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items()))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
