@@ -84,3 +84,15 @@ def test_refused_cell_says_why_at_start_up(recipe, config, tmp_path):
 
 def test_readme_holds_the_generated_compatibility_table():
     assert markdown_table() in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_follows_the_accumulation_and_clipping_flags(config, tmp_path):
+    """The DeepSpeed files pin neither value, so the run's flags reach DeepSpeed's engine (it clips in its step)."""
+    flags = ["--max_steps", "6", "--logging_steps", "1", "--max_grad_norm", "0.05"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch_two_processes("adamw", config, *flags, "--per_device_train_batch_size", "2",
+                         "--gradient_accumulation_steps", "2", "--output_dir", str(two))
+    launch("adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
+    assert yaml.safe_load((two / "run_config.yaml").read_text())["num_processes"] == 2
+    assert train_losses(two) == pytest.approx(train_losses(one), rel=TOLERANCE)

@@ -55,7 +55,7 @@ def build_accelerator(config: Config) -> Accelerator:
     # A multi-process launch without CUDA (DeepSpeed on CPU) needs gloo named, or accelerate sees one process.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_process_cpu else []
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision="bf16" if t.bf16 else None,
         log_with=None if t.report_to == "none" else t.report_to,
@@ -63,6 +63,9 @@ def build_accelerator(config: Config) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step, on every rank
         kwargs_handlers=handlers,
     )
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed clips inside its step: give it the run's value
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm
+    return accelerator
 
 
 def load_tokenizer_and_model(config: Config):

@@ -106,10 +106,10 @@ class OptimizerRecipe:
         """Clip (at accumulation boundaries), step and zero the gradients; return the pre-clip norm if measured."""
         grad_norm = None
         if max_grad_norm > 0 and accelerator.sync_gradients:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # DeepSpeed: last step's
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return None if grad_norm is None else float(grad_norm)
 
     def train_mode(self, optimizer) -> None:
         """Called before training steps."""
@@ -131,14 +131,13 @@ class FusedBackwardRecipe(OptimizerRecipe):
     """LOMO-family: each parameter is updated by a hook as its gradient arrives, so no gradient is kept."""
 
     keeps_master_weights = False  # updates the weights in their own dtype, in backward
+    default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
+    default_lr_scheduler_type = "linear"
 
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         # one parameter's gradient at a time, upcast to fp32 for the update when the weights are 16-bit
         upcast = 4 if element_bytes < 4 else 0
         return max(numel(s) for s in shapes) * (element_bytes + upcast)
-
-    default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
-    default_lr_scheduler_type = "linear"
 
     def refuse(self, config: Config) -> Optional[str]:
         if config.train.gradient_accumulation_steps > 1:
