@@ -18,7 +18,7 @@ from recipes.core.optimizer_recipe import FusedBackwardRecipe
 
 class LomoRecipe(FusedBackwardRecipe):
     name = "lomo"
-    default_learning_rate = 0.5  # plain SGD on a from-scratch tiny model; ~1e-2 for fine-tuning a pretrained LLM
+    default_learning_rate = 0.5  # plain SGD on the from-scratch tiny model; tune it for a pretrained LLM
     reads_flags = ("clip_grad_value",)
 
     def optimizer_state_bytes(self, shapes, element_bytes):
