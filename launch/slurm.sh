@@ -21,7 +21,7 @@ recipe=$2
 shift 2
 nodes=${SLURM_JOB_NUM_NODES:?"run this under sbatch or salloc (SLURM_JOB_NUM_NODES is not set)"}
 gpus_per_node=${SLURM_GPUS_ON_NODE:-$(nvidia-smi --list-gpus | wc -l)}
-main_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+main_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk "NR == 1")  # awk reads all: no SIGPIPE under pipefail
 port=${MAIN_PROCESS_PORT:-29500}
 
 # $SLURM_NODEID is expanded on each node by the srun task, not here.

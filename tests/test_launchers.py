@@ -13,12 +13,13 @@ def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
     bin_dir.mkdir()
     # srun runs its command once per node here, as SLURM would, with that node's SLURM_NODEID
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nfor id in 0 1; do SLURM_NODEID=$id "$@"; done\n')
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    # many nodes: a reader that stops after the first line would make scontrol die of SIGPIPE under pipefail
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nfor i in $(seq -w 7 2000); do echo gpu-node-$i; done\n")
     (bin_dir / "accelerate").write_text('#!/usr/bin/env bash\necho "accelerate $*"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8",
-               SLURM_JOB_NODELIST="gpu-node-[07-08]")
+               SLURM_JOB_NODELIST="gpu-node-[07-2000]")
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sh"), "accelerate_configs/multi_node.yaml",
                            "recipes/adalomo.py", "--output_dir", "runs/x y", "--save_steps", "200"],
                           env=env, capture_output=True, text=True, timeout=60)
@@ -27,7 +28,7 @@ def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
     assert len(lines) == 2
     for rank, line in enumerate(lines):
         assert line.startswith("accelerate launch --config_file accelerate_configs/multi_node.yaml --num_machines 2 "
-                               f"--num_processes 16 --machine_rank {rank} --main_process_ip gpu-node-07 "
+                               f"--num_processes 16 --machine_rank {rank} --main_process_ip gpu-node-0007 "
                                "--main_process_port 29500 --rdzv_backend static recipes/adalomo.py")
         assert line.endswith("--output_dir runs/x y --save_steps 200")
 
