@@ -6,12 +6,15 @@ unconditionally, which fails on CPU.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --loss_scale (static, default
 1024; lower it if losses go NaN), --max_grad_norm (a second backward pass, so off by default), gradient
 checkpointing, --bf16.
-Works under DDP (gradients averaged per parameter before each fused update) and FSDP.
+Works under DDP and FSDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3
+(accelerate_configs/zero3.yaml: parameters partitioned and gathered per layer, each rank updating its partition in
+the hooks, no DeepSpeed engine; see recipes/core/engine_free_zero3.py).
 Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
-DeepSpeed ZeRO (not yet: DeepSpeed's engine owns backward), fp16 mixed precision (use bf16).
+ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters offloaded to CPU, fp16 mixed
+precision (use bf16).
 """
 
-from recipes.core.lomo_fixes import AdaLomoOnModelDevice, average_gradients_across_processes
+from recipes.core.lomo_fixes import AdaLomoOnModelDevice
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel
 
@@ -24,9 +27,8 @@ class AdaLomoRecipe(FusedBackwardRecipe):
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(factored_numel(s) for s in shapes) * 4  # fp32 row/column second moments
 
-    def build(self, model, config):
+    def build_fused(self, model, config):
         t, o = config.train, config.optim
-        average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
         return AdaLomoOnModelDevice(model, lr=t.learning_rate, loss_scale=o.loss_scale,
                                     clip_grad_norm=t.max_grad_norm or None, clip_grad_value=o.clip_grad_value,
                                     weight_decay=t.weight_decay)

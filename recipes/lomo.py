@@ -1,17 +1,19 @@
 """LOMO (lomo_optim.Lomo): SGD fused into backward, so no gradient tensors and no optimizer state are kept.
 
 Each parameter is updated by a hook as its gradient arrives, at the scheduled lr of the step
-(accelerator.backward(loss, learning_rate=lr)); there is no optimizer.step().
+(optimizer.fused_backward(loss, lr)); there is no optimizer.step().
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --max_grad_norm (LOMO's
 clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
-Works under DDP (gradients averaged per parameter before each fused update) and FSDP.
+Works under DDP and FSDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3
+(accelerate_configs/zero3.yaml: parameters partitioned and gathered per layer, each rank updating its partition in
+the hooks, no DeepSpeed engine; see recipes/core/engine_free_zero3.py).
 Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
-DeepSpeed ZeRO (not yet: DeepSpeed's engine owns backward), fp16 mixed precision (use bf16).
+ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters offloaded to CPU, fp16 mixed
+precision (use bf16).
 """
 
 from lomo_optim import Lomo
 
-from recipes.core.lomo_fixes import average_gradients_across_processes
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import FusedBackwardRecipe
 
@@ -24,9 +26,8 @@ class LomoRecipe(FusedBackwardRecipe):
     def optimizer_state_bytes(self, shapes, element_bytes):
         return 0  # plain SGD in backward: no state
 
-    def build(self, model, config):
+    def build_fused(self, model, config):
         t, o = config.train, config.optim
-        average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
         return Lomo(model, lr=t.learning_rate, clip_grad_norm=t.max_grad_norm or None,
                     clip_grad_value=o.clip_grad_value, weight_decay=t.weight_decay)
 

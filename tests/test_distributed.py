@@ -96,3 +96,12 @@ def test_deepspeed_follows_the_accumulation_and_clipping_flags(config, tmp_path)
     launch("adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
     assert yaml.safe_load((two / "run_config.yaml").read_text())["num_processes"] == 2
     assert train_losses(two) == pytest.approx(train_losses(one), rel=TOLERANCE)
+
+
+def test_lomo_global_norm_clipping_under_zero3_is_refused_with_the_alternative(tmp_path):
+    """ZeRO-3 frees each layer's gathered parameters after the norm pass; the refusal names the flags that work."""
+    proc = launch_two_processes("lomo", "zero3.yaml", *STEPS, "--max_grad_norm", "1.0", "--output_dir",
+                                str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0
+    assert "lomo: error: lomo cannot clip by global norm (--max_grad_norm 1.0) under DeepSpeed ZeRO-3" in proc.stderr
+    assert "--clip_grad_value" in proc.stderr and not (tmp_path / "out" / "model.safetensors").exists()

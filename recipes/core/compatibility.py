@@ -40,7 +40,7 @@ def markdown_table() -> str:
                 cells.append("works")
             else:
                 where = f"under {launch_setup(config_file).describe()}"
-                key = reason.replace(recipe.name, "<recipe>").replace(where, "under DeepSpeed ZeRO")
+                key = "<recipe>" + reason.removeprefix(recipe.name).replace(where, "under DeepSpeed ZeRO")
                 number = reasons.setdefault(key, len(reasons) + 1)
                 cells.append(f"refused ({number})")
         rows.append(f"| `{recipe.name}` | " + " | ".join(cells) + " |")

@@ -19,6 +19,7 @@ class LaunchSetup:
     kind: str = "single"  # single | ddp | deepspeed | fsdp
     zero_stage: int = 0
     mixed_precision: str = "no"
+    offload_param: bool = False  # DeepSpeed ZeRO-3 keeps the parameter partitions in CPU (or NVMe) memory
 
     def describe(self) -> str:
         return {"single": "a single process", "ddp": "DDP", "fsdp": "FSDP",
@@ -28,7 +29,8 @@ class LaunchSetup:
     def from_environment(cls) -> LaunchSetup:
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            return cls("deepspeed", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), mixed)
+            offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() != "none"
+            return cls("deepspeed", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), mixed, offload)
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             return cls("fsdp", mixed_precision=mixed)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -40,5 +42,6 @@ class LaunchSetup:
         config = yaml.safe_load(Path(path).read_text())
         kind = {"DEEPSPEED": "deepspeed", "FSDP": "fsdp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp"}.get(
             str(config.get("distributed_type")), "single")
-        stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0)) if kind == "deepspeed" else 0
-        return cls(kind, stage, str(config.get("mixed_precision", "no")))
+        deepspeed = (config.get("deepspeed_config") or {}) if kind == "deepspeed" else {}
+        offload = str(deepspeed.get("offload_param_device", "none")).lower() != "none"
+        return cls(kind, int(deepspeed.get("zero_stage", 0)), str(config.get("mixed_precision", "no")), offload)

@@ -82,6 +82,10 @@ def load_tokenizer_and_model(config: Config):
     return tokenizer, model
 
 
+def parameter_count(model) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: whole sizes
+
+
 def default_block_size(model) -> int:
     return min(1024, getattr(model.config, "max_position_embeddings", 1024))
 
@@ -119,9 +123,10 @@ def evaluate(model, eval_loader, accelerator: Accelerator) -> float:
     return torch.cat(per_block).mean().item()
 
 
-def save_model(accelerator: Accelerator, model, tokenizer, output_dir: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer, written beside output_dir and moved in only when complete."""
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; every rank must call it
+def save_model(accelerator: Accelerator, model, state_dict: dict, tokenizer, output_dir: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer, written beside output_dir and moved in only when complete.
+
+    state_dict holds the whole weights (`recipe.full_state_dict`, which every rank calls: it gathers shards)."""
     if accelerator.is_main_process:
         staging = output_dir / ".saving-model"
         shutil.rmtree(staging, ignore_errors=True)
@@ -159,8 +164,8 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     total_steps = total_optimizer_steps(config, len(train_loader) // accelerator.num_processes)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
                               num_training_steps=total_steps)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    model, optimizer, train_loader, eval_loader, scheduler = recipe.prepare(
+        accelerator, model, optimizer, train_loader, eval_loader, scheduler)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
     settings = resume_settings(config, block_size=block_size, num_processes=accelerator.num_processes)
 
@@ -176,7 +181,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     if t.report_to != "none":
         accelerator.init_trackers(t.run_name or recipe.name, config=config.to_dict())
     accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es) "
-                      f"({accelerator.distributed_type}), {sum(p.numel() for p in model.parameters()):,} parameters"
+                      f"({accelerator.distributed_type}), {parameter_count(model):,} parameters"
                       + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""))
 
     def checkpoint() -> Path:
@@ -252,7 +257,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     identical = replicas_identical(accelerator, model)
     if not identical:
         accelerator.print(f"{recipe.name}: WARNING: the processes hold different weights at the end of training")
-    save_model(accelerator, model, tokenizer, output_dir)
+    save_model(accelerator, model, recipe.full_state_dict(accelerator, model), tokenizer, output_dir)
     recipe.train_mode(optimizer)
     results = {"step": state.step, "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700)),
                "train_runtime_s": time.perf_counter() - started, "tokens_seen": state.tokens_seen,

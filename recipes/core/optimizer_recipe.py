@@ -10,11 +10,15 @@ Each `recipes/<name>.py` subclasses one of these and adds how its optimizer is b
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import TYPE_CHECKING, Optional
 
 import torch
+
+from recipes.core import engine_free_zero3
+from recipes.core.lomo_fixes import average_gradients_across_processes
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -95,6 +99,14 @@ class OptimizerRecipe:
     def scheduler_warmup_steps(self, config: Config) -> int:
         return config.train.warmup_steps
 
+    def prepare(self, accelerator: Accelerator, model, optimizer, *others):
+        """Hand the model, optimizer, loaders and scheduler to accelerate (DDP/FSDP wrappers, DeepSpeed's engine)."""
+        return accelerator.prepare(model, optimizer, *others)
+
+    def full_state_dict(self, accelerator: Accelerator, model) -> dict:
+        """The whole model's weights for save_pretrained (ZeRO-3 / FSDP shards gathered); every rank calls it."""
+        return accelerator.get_state_dict(model)
+
     def micro_step_context(self, accelerator: Accelerator, model):
         """Wraps forward + backward (+ step) of one micro-batch: accelerate's gradient accumulation and DDP sync."""
         return accelerator.accumulate(model)
@@ -128,11 +140,34 @@ def refuse_flattened_partitions(recipe: OptimizerRecipe, config: Config, per_ten
 
 
 class FusedBackwardRecipe(OptimizerRecipe):
-    """LOMO-family: each parameter is updated by a hook as its gradient arrives, so no gradient is kept."""
+    """LOMO-family: each parameter is updated by a hook as its gradient arrives, so no gradient is kept.
+
+    Under DDP and FSDP accelerate prepares the model as usual and each gradient is averaged across processes before
+    the update (`lomo_fixes.average_gradients_across_processes`). Under ZeRO-3 there is no DeepSpeed engine: the
+    parameters are partitioned and gathered per layer (`engine_free_zero3`), and lomo-optim's own ZeRO-3 path
+    all-reduces each gradient and updates this rank's partition.
+    """
 
     keeps_master_weights = False  # updates the weights in their own dtype, in backward
     default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
     default_lr_scheduler_type = "linear"
+
+    def build_fused(self, model: torch.nn.Module, config: Config):
+        """The upstream Lomo/AdaLomo over this model (its hooks are registered here)."""
+        raise NotImplementedError
+
+    def build(self, model, config):
+        if engine_free_zero3.runs_engine_free(config.launch.kind, config.launch.zero_stage):
+            from accelerate.state import AcceleratorState
+
+            rank = engine_free_zero3.partition(model, AcceleratorState().deepspeed_plugin.deepspeed_config,
+                                               config.train.per_device_train_batch_size,
+                                               AcceleratorState().device)
+            optimizer = self.build_fused(model, config)
+            optimizer.dp_rank = rank  # read by AdaLomo's ZeRO-3 update, never set by lomo-optim 0.1.1
+            return optimizer
+        average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
+        return self.build_fused(model, config)
 
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         # one parameter's gradient at a time, upcast to fp32 for the update when the weights are 16-bit
@@ -140,29 +175,59 @@ class FusedBackwardRecipe(OptimizerRecipe):
         return max(numel(s) for s in shapes) * (element_bytes + upcast)
 
     def refuse(self, config: Config) -> Optional[str]:
+        launch = config.launch
         if config.train.gradient_accumulation_steps > 1:
             return (f"{self.name} updates the weights inside backward, so gradients cannot be accumulated "
                     f"(--gradient_accumulation_steps {config.train.gradient_accumulation_steps}); use "
                     "--gradient_accumulation_steps 1 with a larger --per_device_train_batch_size, or the adamw recipe")
-        if config.launch.kind == "deepspeed":
-            return (f"{self.name} under {config.launch.describe()} is not supported yet: DeepSpeed's engine owns "
-                    "backward and has no fused-update path (accelerate passes learning_rate into it and fails); use "
-                    "accelerate_configs/multi_gpu.yaml or fsdp.yaml")
-        if config.launch.mixed_precision == "fp16":
+        if launch.kind == "deepspeed" and launch.zero_stage != 3:
+            return (f"{self.name} under {launch.describe()} is not supported: ZeRO-1/2 reduce and partition "
+                    "gradients in DeepSpeed's own hooks and step, and a fused update consumes each gradient inside "
+                    "backward; use accelerate_configs/zero3.yaml (partitioned parameters, LOMO's own setting), "
+                    "multi_gpu.yaml or fsdp.yaml")
+        if launch.kind == "deepspeed" and launch.offload_param:
+            return (f"{self.name} with ZeRO-3 parameter offload (offload_param_device) is not supported: "
+                    "lomo-optim updates each partition on its gradient's device; it keeps no optimizer state to "
+                    "offload, so use accelerate_configs/zero3.yaml")
+        if launch.kind == "deepspeed" and config.train.max_grad_norm > 0:
+            return (f"{self.name} cannot clip by global norm (--max_grad_norm {config.train.max_grad_norm}) under "
+                    f"{launch.describe()}: its norm pass frees each layer's gathered parameters, which the update "
+                    "pass needs again; use --max_grad_norm 0 with --clip_grad_value, or multi_gpu.yaml / fsdp.yaml")
+        if launch.mixed_precision == "fp16":
             return (f"{self.name} cannot run with fp16 mixed precision: accelerate's GradScaler backward does not "
                     "pass the learning rate to the fused update; use bf16 (--bf16 true) or no mixed precision")
         return None
 
+    def prepare(self, accelerator: Accelerator, model, optimizer, *others):
+        if not engine_free_zero3.is_partitioned(model):
+            return accelerator.prepare(model, optimizer, *others)
+        # ZeRO-3 without an engine: accelerate shards the loaders; checkpoints hold whole parameters
+        others = accelerator.prepare(*others)
+        scheduler = others[-1]
+        accelerator.register_for_checkpointing(engine_free_zero3.FullParameters(model), optimizer, scheduler)
+        return (model, optimizer, *others)
+
+    def full_state_dict(self, accelerator: Accelerator, model) -> dict:
+        if engine_free_zero3.is_partitioned(model):
+            return engine_free_zero3.gathered_state_dict(model)
+        return accelerator.get_state_dict(model)
+
     def micro_step_context(self, accelerator: Accelerator, model):
         # Gradients are averaged per parameter by average_gradients_across_processes. DDP must not reduce them as
         # well: it decides in forward, and would write reduced .grad back after LOMO consumed it (a second update).
+        if engine_free_zero3.is_partitioned(model):
+            return contextlib.nullcontext()
         return accelerator.no_sync(model)
 
     def backward(self, accelerator: Accelerator, model, optimizer, loss: torch.Tensor, lr: float) -> None:
         fused = unwrap_optimizer(optimizer)
         if fused.clip_grad_norm:
             fused.grad_norm(loss)  # first pass: global norm only, graph retained for the update pass
-        accelerator.backward(loss, learning_rate=lr)
+        # What accelerator.backward(loss, learning_rate=lr) runs for Lomo/AdaLomo (its DeepSpeed branch would hand
+        # the loss to an engine instead; the ZeRO-3 path has none).
+        fused.fused_backward(loss, lr)
+        if engine_free_zero3.is_partitioned(model):
+            engine_free_zero3.release_gathered(model)
 
     def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:
         fused = unwrap_optimizer(optimizer)
