@@ -1,11 +1,13 @@
-"""launch/slurm.sh builds the right per-node `accelerate launch` (checked with stand-ins for srun and scontrol)."""
+"""The launch/ commands: slurm.sh builds the right per-node `accelerate launch` (checked with stand-ins for srun and
+scontrol); compare.py tabulates and plots finished runs."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, launch, results
 
 
 def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
@@ -38,3 +40,24 @@ def test_slurm_script_outside_slurm_says_what_is_missing():
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sh"), "a.yaml", "b.py"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "run this under sbatch or salloc" in proc.stderr
+
+
+def test_compare_tabulates_runs_and_plots_their_losses(tmp_path):
+    runs = [tmp_path / "adamw", tmp_path / "lomo"]
+    for run in runs:
+        launch(run.name, "--max_steps", "4", "--logging_steps", "1", "--output_dir", str(run))
+    table, image = tmp_path / "table.md", tmp_path / "loss.png"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *map(str, runs), "--markdown",
+                           str(table), "--plot", str(image)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.splitlines()[2:]
+    assert proc.stdout == table.read_text() and len(rows) == 2
+    for run, row in zip(runs, rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:4] == [run.name, run.name, "a single process", "4"]
+        assert float(cells[6]) == round(results(run)["eval_loss"], 4)
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "is not a run's output folder" in proc.stderr
