@@ -15,6 +15,7 @@ class AdamWRecipe(OptimizerRecipe):
     name = "adamw"
     default_learning_rate = 1e-3
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    same_update_as_deepspeed_cpu_adam = True  # torch AdamW -> DeepSpeedCPUAdam(adamw_mode) with its groups' betas/eps
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(2 * numel(s) * element_bytes + 4 for s in shapes)  # exp_avg, exp_avg_sq, fp32 step

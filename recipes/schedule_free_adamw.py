@@ -4,16 +4,21 @@ Weights are y while training and x (the average) when evaluated or saved: the lo
 evaluation and save, so the saved model is x, and train() before training resumes.
 Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
-Under DeepSpeed ZeRO-2 the master weights are copied into the module after each switch, so x is evaluated and
-saved there too (recipes/core/deepspeed_fixes.py).
-Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own); DeepSpeed ZeRO-3 (it steps one
-sub-group at a time with the other parameters detached, which the mode switches cannot follow).
+Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is
+evaluated and saved there too, and under ZeRO-3 (which steps the optimizer once per parameter sub-group) its step
+counters advance once per step (recipes/core/deepspeed_fixes.py).
+Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
 """
 
 import schedulefree
 
+from recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
+
+
+class AdamWScheduleFree(CountersAdvanceOncePerStep, schedulefree.AdamWScheduleFree):
+    """schedulefree.AdamWScheduleFree, its counters advancing once per step under ZeRO-3 as well."""
 
 
 class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):
@@ -26,9 +31,9 @@ class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):
 
     def build(self, model, config):
         t, o = config.train, config.optim
-        return schedulefree.AdamWScheduleFree(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
-                                              betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
-                                              warmup_steps=t.warmup_steps)
+        return AdamWScheduleFree(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+                                 betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                                 warmup_steps=t.warmup_steps)
 
 
 RECIPE = ScheduleFreeAdamWRecipe()

@@ -4,16 +4,21 @@ Weights are y while training and x (the average) when evaluated or saved: the lo
 evaluation and save, so the saved model is x, and train() before training resumes.
 Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --sgd_momentum.
-Under DeepSpeed ZeRO-2 the master weights are copied into the module after each switch, so x is evaluated and
-saved there too (recipes/core/deepspeed_fixes.py).
-Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own); DeepSpeed ZeRO-3 (it steps one
-sub-group at a time with the other parameters detached, which the mode switches cannot follow).
+Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is
+evaluated and saved there too, and under ZeRO-3 (which steps the optimizer once per parameter sub-group) its step
+counters advance once per step (recipes/core/deepspeed_fixes.py).
+Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
 """
 
 import schedulefree
 
+from recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
+
+
+class SGDScheduleFree(CountersAdvanceOncePerStep, schedulefree.SGDScheduleFree):
+    """schedulefree.SGDScheduleFree, its counters advancing once per step under ZeRO-3 as well."""
 
 
 class ScheduleFreeSGDRecipe(ScheduleFreeRecipe):
@@ -26,8 +31,8 @@ class ScheduleFreeSGDRecipe(ScheduleFreeRecipe):
 
     def build(self, model, config):
         t, o = config.train, config.optim
-        return schedulefree.SGDScheduleFree(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
-                                            momentum=o.sgd_momentum, warmup_steps=t.warmup_steps)
+        return SGDScheduleFree(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,
+                               momentum=o.sgd_momentum, warmup_steps=t.warmup_steps)
 
 
 RECIPE = ScheduleFreeSGDRecipe()

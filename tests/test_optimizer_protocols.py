@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import schedulefree
 import torch
 from safetensors.torch import load_file
 
 from recipes.core.config import parse_config
+from recipes.core.deepspeed_fixes import GROUP_COUNTERS
 from recipes.core.loop import train
 from recipes.lomo import LomoRecipe
-from recipes.schedule_free_adamw import ScheduleFreeAdamWRecipe
+from recipes.schedule_free_adamw import AdamWScheduleFree, ScheduleFreeAdamWRecipe
+from recipes.schedule_free_sgd import SGDScheduleFree
 from tests.conftest import launch, read_metrics, train_losses
 
 
@@ -72,3 +75,39 @@ def test_schedule_free_training_goes_on_correctly_after_switching_to_x_and_back(
     assert [r["step"] for r in evals] == [4, 8]
     # eval() then train() is y -> x -> y: the run continues as if never interrupted, up to float rounding
     assert train_losses(interrupted) == pytest.approx(train_losses(straight), rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer_class, upstream_class", [(AdamWScheduleFree, schedulefree.AdamWScheduleFree),
+                                                             (SGDScheduleFree, schedulefree.SGDScheduleFree)])
+def test_schedule_free_stepped_per_sub_group_as_zero3_does_equals_one_step(optimizer_class, upstream_class):
+    """ZeRO-3 calls step() once per sub-group (several per group for large models) with the other groups' lists
+    emptied. Driven that way, the mixed-in optimizer must end with the same weights and counters as plain steps."""
+    torch.manual_seed(0)
+    flats = [torch.randn(5), torch.randn(7), torch.randn(3)]  # sub-groups: two in group 0, one in group 1
+    group_of = [0, 0, 1]
+
+    def build(cls, params):
+        groups = [{"params": [p for p, g in zip(params, group_of) if g == i], "weight_decay": wd}
+                  for i, wd in enumerate((0.1, 0.0))]
+        optimizer = cls(groups, lr=0.1, warmup_steps=3)
+        optimizer.train()
+        return optimizer
+
+    plain_params = [f.clone().requires_grad_() for f in flats]
+    zero_params = [f.clone().requires_grad_() for f in flats]
+    plain, zero = build(upstream_class, plain_params), build(optimizer_class, zero_params)
+    for step in range(5):
+        grads = [torch.randn_like(f) for f in flats]
+        for p, q, g in zip(plain_params, zero_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        for group in zero.param_groups:  # DeepSpeed keeps the lists empty between steps ...
+            group["params"] = []
+        for tensor, group in zip(zero_params, group_of):  # ... and fills one sub-group per call
+            zero.param_groups[group]["params"] = [tensor]
+            zero.step()
+            zero.param_groups[group]["params"] = []
+    for group, expected in zip(zero.param_groups, plain.param_groups):
+        assert {k: group[k] for k in GROUP_COUNTERS} == {k: expected[k] for k in GROUP_COUNTERS}
+    for p, q in zip(plain_params, zero_params):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)

@@ -50,7 +50,7 @@ def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def build_accelerator(config: Config) -> Accelerator:
+def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
     t = config.train
     # A multi-process launch without CUDA (DeepSpeed on CPU) needs gloo named, or accelerate sees one process.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -63,8 +63,11 @@ def build_accelerator(config: Config) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step, on every rank
         kwargs_handlers=handlers,
     )
-    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed clips inside its step: give it the run's value
-        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm
+    if accelerator.state.deepspeed_plugin is not None:
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["gradient_clipping"] = t.max_grad_norm  # DeepSpeed clips inside its step
+        # With optimizer offload, accelerate swaps any optimizer for DeepSpeed's CPU Adam unless this is False
+        deepspeed_config["zero_force_ds_cpu_optimizer"] = recipe.same_update_as_deepspeed_cpu_adam
     return accelerator
 
 
@@ -152,7 +155,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     resume_from = resolve_checkpoint(config)
 
     # --- setup: data is checked before any model is loaded, so bad data fails in seconds
-    accelerator = build_accelerator(config)
+    accelerator = build_accelerator(config, recipe)
     set_seed(t.seed)
     raw = load_raw_datasets(config)
     tokenizer, model = load_tokenizer_and_model(config)

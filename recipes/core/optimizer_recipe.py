@@ -68,6 +68,9 @@ class OptimizerRecipe:
     default_max_grad_norm: float = 1.0
     reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
     keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
+    # Under DeepSpeed optimizer offload, accelerate replaces the optimizer with DeepSpeed's CPU Adam (a faster CPU
+    # kernel) unless told not to. True only where that computes this optimizer's update.
+    same_update_as_deepspeed_cpu_adam: bool = False
 
     def optimizer_state_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         """Bytes of optimizer state for parameters of these shapes (for the memory estimator)."""
@@ -237,22 +240,17 @@ class FusedBackwardRecipe(OptimizerRecipe):
         return None
 
 
-def copy_master_weights_to_module(optimizer) -> None:
-    from recipes.core.deepspeed_fixes import copy_master_weights_to_module as copy
-
-    copy(optimizer)
-
-
 class ScheduleFreeRecipe(OptimizerRecipe):
-    """Schedule-free: evaluate and save at x, train at y; warmup inside the optimizer, LR schedule constant."""
+    """Schedule-free: evaluate and save at x, train at y; warmup inside the optimizer, LR schedule constant.
+
+    Build the optimizer from a class that mixes in `deepspeed_fixes.CountersAdvanceOncePerStep` (ZeRO-3 steps it
+    once per sub-group); mode switches go through `deepspeed_fixes.switch_mode`, which also moves DeepSpeed's
+    master copy and the module weights.
+    """
 
     default_lr_scheduler_type = "constant"
 
     def refuse(self, config: Config) -> Optional[str]:
-        if config.launch.kind == "deepspeed" and config.launch.zero_stage == 3:
-            return (f"{self.name} is not supported with ZeRO stage 3, which steps the optimizer one sub-group at a "
-                    "time with the others' parameters detached, so schedule-free's eval()/train() and step counters "
-                    "cannot follow; use accelerate_configs/zero2.yaml or fsdp.yaml")
         if config.train.lr_scheduler_type != "constant":
             return (f"{self.name} replaces the LR schedule with iterate averaging, so --lr_scheduler_type "
                     f"{config.train.lr_scheduler_type} would stack a second schedule on it; use --lr_scheduler_type "
@@ -263,9 +261,11 @@ class ScheduleFreeRecipe(OptimizerRecipe):
         return 0  # --warmup_steps goes to the optimizer's own warmup
 
     def train_mode(self, optimizer) -> None:
-        optimizer.train()
-        copy_master_weights_to_module(optimizer)  # under ZeRO the module must follow the master copy to y
+        from recipes.core.deepspeed_fixes import switch_mode
+
+        switch_mode(optimizer, "train")
 
     def eval_mode(self, optimizer) -> None:
-        optimizer.eval()
-        copy_master_weights_to_module(optimizer)  # ... and to x, which is evaluated and saved
+        from recipes.core.deepspeed_fixes import switch_mode
+
+        switch_mode(optimizer, "eval")  # x is what is evaluated and saved
