@@ -90,5 +90,16 @@ def write_scaled_model(out_dir: Path, seed: int = 0, **config_overrides) -> Path
 
 
 if __name__ == "__main__":
-    build_tokenizer_and_config()
-    print(f"wrote {EMBEDDED_DIR}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rebuild the embedded tokenizer and config, or (--scaled_out) write "
+                                     "a randomly initialised model of the same architecture at other sizes.")
+    parser.add_argument("--scaled_out", default=None, help="folder for the scaled model (from_pretrained loads it)")
+    parser.add_argument("--sizes", default="", help="LlamaConfig fields, e.g. hidden_size=512,num_hidden_layers=8")
+    args = parser.parse_args()
+    if args.scaled_out:
+        overrides = dict(item.split("=") for item in args.sizes.split(",") if item)
+        print(f"wrote {write_scaled_model(Path(args.scaled_out), **overrides)}")
+    else:
+        build_tokenizer_and_config()
+        print(f"wrote {EMBEDDED_DIR}")

@@ -162,7 +162,9 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     block_size = config.data.block_size or default_block_size(model)
     train_loader, eval_loader, shuffle = build_dataloaders(config, raw, tokenizer, block_size, accelerator)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed gradient_checkpointing_enable (deprecated there, to be removed in v6)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     optimizer = recipe.build(model, config)
     total_steps = total_optimizer_steps(config, len(train_loader) // accelerator.num_processes)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
