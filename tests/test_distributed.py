@@ -8,6 +8,8 @@ table is generated from the same refusals and checked here.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -120,3 +122,29 @@ def test_schedule_free_evaluates_and_saves_x_in_the_16bit_weights_under_zero3(tm
     assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], rel=2e-3)
     saved = AutoModelForCausalLM.from_pretrained(two, dtype="auto")
     assert saved.dtype == torch.bfloat16
+
+
+def test_a_deepspeed_json_config_decides_the_setup(tmp_path, one_process_runs):
+    """Users bring their own DeepSpeed JSON (`deepspeed_config_file`, HF-style "auto" values): the recipe reads the
+    stage from it (accelerate passes no stage then), so LOMO takes its ZeRO-3 path and matches 1 process."""
+    ds_json = tmp_path / "ds_zero3.json"
+    ds_json.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto",
+                              "stage3_prefetch_bucket_size": "auto", "reduce_bucket_size": "auto"},
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_machines": 1,
+        "num_processes": 2,  # no mixed_precision: with a JSON file, accelerate takes it (and the stage) from there
+        "deepspeed_config": {"deepspeed_config_file": str(ds_json), "zero3_init_flag": True}}))
+    assert launch_setup(str(accelerate_config)).describe() == "DeepSpeed ZeRO-3"
+    out = tmp_path / "out"
+    launch("lomo", *STEPS, "--per_device_train_batch_size", "4", "--output_dir", str(out),
+           config=str(accelerate_config))
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert resolved["num_processes"] == 2 and resolved["launch"] == "DeepSpeed ZeRO-3"
+    assert train_losses(out) == pytest.approx(train_losses(one_process_runs("lomo")), rel=TOLERANCE)
+    proc = launch("lomo", *STEPS, "--max_grad_norm", "1.0", "--output_dir", str(tmp_path / "refused"),
+                  config=str(accelerate_config), check=False)
+    assert "lomo cannot clip by global norm (--max_grad_norm 1.0) under DeepSpeed ZeRO-3" in proc.stderr

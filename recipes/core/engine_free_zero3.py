@@ -31,24 +31,28 @@ def runs_engine_free(launch_kind: str, zero_stage: int) -> bool:
     return launch_kind == "deepspeed" and zero_stage == 3
 
 
-def _complete_config(deepspeed_config: dict, micro_batch_size: int) -> dict:
-    """accelerate's DeepSpeed config with the batch entries it fills only when it builds an engine."""
+def _complete_config(deepspeed_config: dict, micro_batch_size: int, mixed_precision: str) -> dict:
+    """accelerate's DeepSpeed config with the "auto" entries it fills only when it builds an engine filled."""
     config = copy.deepcopy(deepspeed_config)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
                   train_batch_size=micro_batch_size * world_size, gradient_clipping=0.0)
     config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if v != "auto"}
+    for precision in ("fp16", "bf16"):
+        if (config.get(precision) or {}).get("enabled") == "auto":
+            config[precision]["enabled"] = mixed_precision == precision
     return config
 
 
-def partition(model: torch.nn.Module, deepspeed_config: dict, micro_batch_size: int, device: torch.device) -> int:
+def partition(model: torch.nn.Module, deepspeed_config: dict, micro_batch_size: int, mixed_precision: str,
+              device: torch.device) -> int:
     """Partition the model's parameters across the processes and gather them per layer on use; return this rank."""
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 
-    config = _complete_config(deepspeed_config, micro_batch_size)
+    config = _complete_config(deepspeed_config, micro_batch_size, mixed_precision)
     loaded_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # from_pretrained under zero.Init
-    if config.get("bf16", {}).get("enabled") and not loaded_partitioned:
+    if config.get("bf16", {}).get("enabled") is True and not loaded_partitioned:
         model.to(torch.bfloat16)  # as DeepSpeed's engine does: 16-bit weights (and LOMO keeps no fp32 master copy)
     for module in model.modules():  # buffers (e.g. rotary frequencies) are not partitioned: place them
         for name, buffer in list(module._buffers.items()):

@@ -102,9 +102,9 @@ class OptimizerRecipe:
     def scheduler_warmup_steps(self, config: Config) -> int:
         return config.train.warmup_steps
 
-    def prepare(self, accelerator: Accelerator, model, optimizer, *others):
+    def prepare(self, accelerator: Accelerator, model, optimizer, train_loader, eval_loader, scheduler) -> tuple:
         """Hand the model, optimizer, loaders and scheduler to accelerate (DDP/FSDP wrappers, DeepSpeed's engine)."""
-        return accelerator.prepare(model, optimizer, *others)
+        return accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
 
     def full_state_dict(self, accelerator: Accelerator, model) -> dict:
         """The whole model's weights for save_pretrained (ZeRO-3 / FSDP shards gathered); every rank calls it."""
@@ -163,9 +163,10 @@ class FusedBackwardRecipe(OptimizerRecipe):
         if engine_free_zero3.runs_engine_free(config.launch.kind, config.launch.zero_stage):
             from accelerate.state import AcceleratorState
 
-            rank = engine_free_zero3.partition(model, AcceleratorState().deepspeed_plugin.deepspeed_config,
-                                               config.train.per_device_train_batch_size,
-                                               AcceleratorState().device)
+            state = AcceleratorState()
+            rank = engine_free_zero3.partition(model, state.deepspeed_plugin.deepspeed_config,
+                                               config.train.per_device_train_batch_size, state.mixed_precision,
+                                               state.device)
             optimizer = self.build_fused(model, config)
             optimizer.dp_rank = rank  # read by AdaLomo's ZeRO-3 update, never set by lomo-optim 0.1.1
             return optimizer
@@ -201,14 +202,13 @@ class FusedBackwardRecipe(OptimizerRecipe):
                     "pass the learning rate to the fused update; use bf16 (--bf16 true) or no mixed precision")
         return None
 
-    def prepare(self, accelerator: Accelerator, model, optimizer, *others):
+    def prepare(self, accelerator: Accelerator, model, optimizer, train_loader, eval_loader, scheduler) -> tuple:
         if not engine_free_zero3.is_partitioned(model):
-            return accelerator.prepare(model, optimizer, *others)
+            return accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
         # ZeRO-3 without an engine: accelerate shards the loaders; checkpoints hold whole parameters
-        others = accelerator.prepare(*others)
-        scheduler = others[-1]
+        train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
         accelerator.register_for_checkpointing(engine_free_zero3.FullParameters(model), optimizer, scheduler)
-        return (model, optimizer, *others)
+        return model, optimizer, train_loader, eval_loader, scheduler
 
     def full_state_dict(self, accelerator: Accelerator, model) -> dict:
         if engine_free_zero3.is_partitioned(model):
