@@ -7,6 +7,7 @@ backward and step, and when to switch modes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -48,6 +49,22 @@ def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:
     except TrainingStopped as error:
         print(f"{recipe.name}: stopped: {error}", file=sys.stderr)
         sys.exit(1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_before_interpreter_teardown()
+
+
+def exit_before_interpreter_teardown() -> None:
+    """End a finished multi-process run with status 0 without the interpreter's teardown.
+
+    Measured on CPU (deepspeed 0.19.8, torch 2.13 gloo): now and then (3 of ~185 finished 2-process DeepSpeed
+    runs) a process aborts while the interpreter tears down, after every output was written and the process group
+    destroyed ("terminate called without an active exception", SIGABRT), and the launcher then reports the whole
+    finished run as failed. Everything the run writes is closed by now; stdio is flushed, then the process exits.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
