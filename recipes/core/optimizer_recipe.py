@@ -218,7 +218,7 @@ class FusedBackwardRecipe(OptimizerRecipe):
     def micro_step_context(self, accelerator: Accelerator, model):
         # Gradients are averaged per parameter by average_gradients_across_processes. DDP must not reduce them as
         # well: it decides in forward, and would write reduced .grad back after LOMO consumed it (a second update).
-        if engine_free_zero3.is_partitioned(model):
+        if engine_free_zero3.is_partitioned(model):  # no DDP wrapper (and accelerate's no_sync wants an engine)
             return contextlib.nullcontext()
         return accelerator.no_sync(model)
 
