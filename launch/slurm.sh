@@ -2,11 +2,13 @@
 # Multi-node training under SLURM: one `accelerate launch` per node, each told its machine rank and rank 0's address.
 #
 #   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh accelerate_configs/multi_node.yaml recipes/adalomo.py \
-#       --model_name_or_path <model> --dataset_name <data> --output_dir runs/adalomo-2x8 --save_steps 200
+#       --model_name_or_path <model> --dataset_name <data> --output_dir runs/adalomo-2x8 --save_steps 200 \
+#       --resume_from_checkpoint auto
 #
 # The config file's distributed_type/DeepSpeed/FSDP settings apply; machine count, process count, rank and address
 # come from SLURM. Preemption: SLURM's SIGTERM (or SIGUSR1, with --signal=USR1@120) makes the run checkpoint and exit
-# 0; resubmit the same command with --resume_from_checkpoint latest.
+# 0. Put --resume_from_checkpoint auto in the command and the same command serves the first run (starts fresh) and
+# every requeue or resubmission (resumes from the newest checkpoint).
 #SBATCH --job-name=optimizer-recipes
 #SBATCH --ntasks-per-node=1
 #SBATCH --signal=USR1@120

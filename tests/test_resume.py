@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,21 @@ def test_latest_with_no_checkpoint_is_refused(tmp_path):
     proc = launch("adamw", "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "empty"), check=False)
     assert proc.returncode != 0
     assert "--resume_from_checkpoint latest: no checkpoint in" in proc.stderr
+
+
+def test_auto_starts_fresh_without_a_checkpoint_and_resumes_the_newest_with_one(tmp_path):
+    """One command for a job that may be requeued: `--resume_from_checkpoint auto`."""
+    run = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--resume_from_checkpoint", "auto"]
+    first, requeued = tmp_path / "first", tmp_path / "requeued"
+    proc = launch("adamw", *run, "--output_dir", str(first))
+    assert "resuming" not in proc.stdout and sorted(losses_by_step(first)) == list(range(1, 7))
+    requeued.mkdir()  # a job preempted after its step-3 checkpoint, then requeued with the same command
+    shutil.copytree(first / "checkpoint-3", requeued / "checkpoint-3")
+    proc = launch("adamw", *run, "--output_dir", str(requeued))
+    assert f"resuming at step 3 from {requeued / 'checkpoint-3'}" in proc.stdout
+    full, rest = losses_by_step(first), losses_by_step(requeued)
+    assert sorted(rest) == [4, 5, 6] and [rest[s] for s in rest] == [full[s] for s in rest]
+    assert_same_weights(first, requeued)
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path):

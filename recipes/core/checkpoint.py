@@ -47,8 +47,10 @@ def resolve_checkpoint(config: Config) -> Path | None:
     spec = config.train.resume_from_checkpoint
     if not spec:
         return None
-    if spec == "latest":
+    if spec in ("latest", "auto"):
         found = checkpoints_in(Path(config.train.output_dir))
+        if not found and spec == "auto":  # a job's first run, or a requeued one that never reached a checkpoint
+            return None
         if not found:
             raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {config.train.output_dir}; "
                               "give a checkpoint folder, or drop the flag to start fresh")

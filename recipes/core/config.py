@@ -79,7 +79,8 @@ class TrainArguments:
     save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every N steps; 0: never."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "A checkpoint-<step> folder, or 'latest' (the newest in output_dir)."})
+        default=None, metadata={"help": "A checkpoint-<step> folder, 'latest' (the newest in output_dir), or 'auto' "
+                                "(the newest if there is one, else start fresh: for jobs that get requeued)."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps; always at the end."})
     seed: int = 42
     gradient_checkpointing: bool = False

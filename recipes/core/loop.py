@@ -263,7 +263,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
                     path = checkpoint()
                     accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} "
                                       f"at step {state.step}; rerun the same command with "
-                                      "--resume_from_checkpoint latest")
+                                      "--resume_from_checkpoint latest (or auto)")
                     metrics.close()
                     accelerator.end_training()
                     return {"step": state.step, "preempted": True, "checkpoint": str(path)}
