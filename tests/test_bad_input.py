@@ -48,7 +48,8 @@ def test_missing_text_column_fails_before_the_model_loads(tmp_path):
     out = tmp_path / "out"
     proc = launch("adamw", "--dataset_name", str(data), "--output_dir", str(out), check=False)
     assert proc.returncode != 0
-    assert f"adamw: error: --dataset_name {data} has no column 'text' (it has content); pass --text_column" in proc.stderr
+    assert f"adamw: error: --dataset_name {data} has columns content, which fit no data format" in proc.stderr
+    assert "or pass --text_column for a text column" in proc.stderr
     assert "parameters" not in proc.stdout
     assert not any((out / f).exists() for f in MODEL_FILES)
 

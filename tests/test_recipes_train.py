@@ -40,7 +40,7 @@ def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fr
     recipe_obj = {r.name: r for r in all_recipes()}[recipe]
     config = parse_config(recipe_obj, ["--output_dir", str(tmp_path / "reeval")])
     accelerator = Accelerator(cpu=True)
-    _, eval_loader, _ = build_dataloaders(config, load_raw_datasets(config), tokenizer, 64, accelerator)
+    _, eval_loader, _, _ = build_dataloaders(config, load_raw_datasets(config), tokenizer, 64, accelerator)
     assert evaluate(model, eval_loader, accelerator) == pytest.approx(reported, rel=1e-5)
 
 

@@ -22,7 +22,8 @@ from recipes.core.config import Config, ConfigError
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that fix the data order, the batch and the optimizer: a resume must match them to be exact.
-MUST_MATCH = ("recipe", "dataset_name", "dataset_config_name", "text_column", "block_size", "seed",
+MUST_MATCH = ("recipe", "dataset_name", "dataset_config_name", "dataset_train_split", "dataset_format", "text_column",
+              "completion_only_loss", "assistant_only_loss", "chat_template", "packing", "block_size", "seed",
               "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes")
 
 
@@ -31,7 +32,8 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # non-padding input tokens, all processes
+    trained_tokens_seen: int = 0  # tokens the loss was on, all processes
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
@@ -63,7 +65,7 @@ def resolve_checkpoint(config: Config) -> Path | None:
     saved = json.loads((path / STATE_FILE).read_text())["settings"]
     current = resume_settings(config)
     for key in MUST_MATCH:
-        if key in current and saved.get(key) != current[key]:
+        if key in current and key in saved and saved[key] != current[key]:  # older checkpoints lack newer keys
             raise ConfigError(f"--resume_from_checkpoint {path}: it was written with {key}={saved.get(key)!r}, "
                               f"this run has {key}={current[key]!r}; resume with the same {key} or start a fresh run")
     return path
@@ -73,7 +75,10 @@ def resume_settings(config: Config, **resolved) -> dict:
     """What a checkpoint records of its run; `resolved` adds what is known only once the run is set up."""
     t, d = config.train, config.data
     settings = {"recipe": config.recipe, "dataset_name": d.dataset_name, "dataset_config_name": d.dataset_config_name,
-                "text_column": d.text_column, "seed": t.seed,
+                "dataset_train_split": d.dataset_train_split, "dataset_format": d.dataset_format,
+                "text_column": d.text_column, "completion_only_loss": d.completion_only_loss,
+                "assistant_only_loss": d.assistant_only_loss, "chat_template": d.chat_template,
+                "packing": d.packing, "seed": t.seed,
                 "per_device_train_batch_size": t.per_device_train_batch_size,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
@@ -114,4 +119,4 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG states (accelerate loads them with weights_only=True)."""
     accelerator.load_state(str(path))
     saved = json.loads((path / STATE_FILE).read_text())
-    return TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+    return TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})

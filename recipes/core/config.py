@@ -30,6 +30,7 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 TRACKERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "alpaca")  # recipes/core/data_formats.py
 
 
 class ConfigError(ValueError):
@@ -52,9 +53,31 @@ class DataArguments:
         default=None, metadata={"help": "Hub id, local data folder, or a .json/.jsonl/.csv/.parquet/.txt file; "
                                          "default: the embedded generated corpus."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub data set configuration."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
+    dataset_train_split: str = field(default="train", metadata={"help": "The split to train on."})
+    dataset_test_split: Optional[str] = field(
+        default=None, metadata={"help": "The split to evaluate on; default 'validation' if there is one, else "
+                                         "--validation_split_percentage of train held out."})
+    dataset_format: str = field(
+        default="auto", metadata={"help": "text (a --text_column), prompt_completion (prompt + completion: strings, "
+                                           "or message lists), messages ({role, content} lists; ShareGPT "
+                                           "'conversations' too), alpaca (instruction, input, output); auto: "
+                                           "from the columns."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the raw text (text format)."})
+    completion_only_loss: bool = field(
+        default=True, metadata={"help": "prompt_completion and alpaca data: loss on the completion only."})
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "messages data: loss on the assistant turns only (each with its "
+                                         "end-of-turn token)."})
+    chat_template: Optional[str] = field(
+        default=None, metadata={"help": "A Jinja chat template file that replaces the tokenizer's (saved with the "
+                                         "model)."})
+    packing: bool = field(
+        default=True, metadata={"help": "Pack whole examples into --block_size rows (position_ids restart per "
+                                         "example, no attention across them); false: one example per row, padded "
+                                         "per batch. Text is cut into blocks of the token stream."})
     block_size: Optional[int] = field(
-        default=None, metadata={"help": "Tokens per packed training sequence; default min(1024, model context)."})
+        default=None, metadata={"help": "Tokens per training row; longer examples are truncated (their start kept); "
+                                         "default min(1024, model context)."})
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Share of train held out for evaluation when there is no validation split."})
 
@@ -231,6 +254,11 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if t.report_to not in TRACKERS:
         raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
     _validate_dataset_path(d.dataset_name)
+    if d.dataset_format not in DATA_FORMATS:
+        raise ConfigError(f"--dataset_format {d.dataset_format!r} is not a format; use one of {', '.join(DATA_FORMATS)}")
+    if d.chat_template and not os.path.isfile(d.chat_template):
+        raise ConfigError(f"--chat_template {d.chat_template}: no such file; give the path of a Jinja chat template "
+                          "(e.g. an instruct model's chat_template.jinja)")
     unread = sorted(optimizer_flags_set - set(recipe.reads_flags))
     if unread:
         raise ConfigError(f"--{unread[0]} has no effect on {recipe.name}; it is read by "

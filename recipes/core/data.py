@@ -1,62 +1,129 @@
-"""Text data: load with `datasets`, tokenize with `.map`, pack into fixed-length blocks (no padding, no waste)."""
+"""Training data: load with `datasets`, detect the format, tokenize (answers-only labels), pack or pad into rows.
+
+The format modules: `data_formats` (which columns mean what), `chat_masks` (rendering and which tokens are
+trained), `packing` (rows and batches). This module runs them over the splits and says what it did, once.
+"""
 
 from __future__ import annotations
 
-from itertools import chain
+from dataclasses import asdict, dataclass
 
-import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
 from recipes.core import embedded
+from recipes.core.chat_masks import IGNORE_INDEX, tokenize_example
 from recipes.core.config import Config, ConfigError, data_file_builder
+from recipes.core.data_formats import conversation_of, detect_format, trains_on_answers_only
+from recipes.core.packing import concatenate_into_blocks, pack_examples
 
 
 def load_raw_datasets(config: Config) -> DatasetDict:
-    """Train and validation splits holding `text_column`: a hub id, a local file or folder, or the embedded corpus."""
+    """Train and validation splits: a hub id, a local file or folder, or the embedded corpus."""
     d = config.data
     if d.dataset_name is None:
         return DatasetDict(train=Dataset.from_dict({d.text_column: embedded.train_documents()}),
                            validation=Dataset.from_dict({d.text_column: embedded.validation_documents()}))
     builder = data_file_builder(d.dataset_name)
     if builder is not None:
-        raw = load_dataset(builder, data_files={"train": d.dataset_name})
+        raw = load_dataset(builder, data_files={d.dataset_train_split: d.dataset_name})
     else:
         raw = load_dataset(d.dataset_name, d.dataset_config_name)
-    if "train" not in raw:
-        raise ConfigError(f"--dataset_name {d.dataset_name} has no 'train' split (it has {', '.join(raw)})")
-    if d.text_column not in raw["train"].column_names:
-        raise ConfigError(f"--dataset_name {d.dataset_name} has no column {d.text_column!r} (it has "
-                          f"{', '.join(raw['train'].column_names)}); pass --text_column <one of those>")
-    if "validation" not in raw:
-        held_out = raw["train"].train_test_split(test_size=d.validation_split_percentage / 100,
-                                                 seed=config.train.seed)
-        raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
-    return DatasetDict(train=raw["train"], validation=raw["validation"])
+    if d.dataset_train_split not in raw:
+        raise ConfigError(f"--dataset_name {d.dataset_name} has no {d.dataset_train_split!r} split (it has "
+                          f"{', '.join(raw)}); pass --dataset_train_split <one of those>")
+    test_split = d.dataset_test_split or ("validation" if "validation" in raw else None)
+    if d.dataset_test_split and d.dataset_test_split not in raw:
+        raise ConfigError(f"--dataset_test_split {d.dataset_test_split}: --dataset_name {d.dataset_name} has no such "
+                          f"split (it has {', '.join(raw)}); drop the flag to hold out "
+                          f"{d.validation_split_percentage}% of train")
+    if test_split is None:
+        held_out = raw[d.dataset_train_split].train_test_split(test_size=d.validation_split_percentage / 100,
+                                                               seed=config.train.seed)
+        return DatasetDict(train=held_out["train"], validation=held_out["test"])
+    return DatasetDict(train=raw[d.dataset_train_split], validation=raw[test_split])
 
 
-def tokenize_and_pack(raw: DatasetDict, tokenizer, text_column: str, block_size: int) -> DatasetDict:
-    """Each document ends with EOS; the token stream is cut into `block_size` blocks, the remainder dropped."""
+@dataclass
+class SplitSummary:
+    examples: int
+    truncated: int  # examples longer than the block, cut to it (their start kept)
+    dropped: int  # examples without a single trained token (after truncation), left out
+    rows: int
+    tokens: int
+    trained_tokens: int
+
+
+@dataclass
+class DataSummary:
+    data_format: str
+    loss_on: str
+    packing: str
+    splits: dict[str, SplitSummary]
+
+    def describe(self) -> str:
+        train = self.splits["train"]
+        return (f"data: {self.data_format}, loss on {self.loss_on}; train: {train.examples:,} examples -> "
+                f"{train.rows:,} rows ({self.packing}), {train.truncated:,} truncated to the block, {train.dropped:,} "
+                f"dropped with no trained token, {train.trained_tokens / max(train.tokens, 1):.0%} of "
+                f"{train.tokens:,} tokens trained; validation: {self.splits['validation'].rows:,} rows")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_datasets(raw: DatasetDict, tokenizer, config: Config, block_size: int) -> tuple[DatasetDict, DataSummary]:
+    """Rows of `input_ids` and `labels` (IGNORE_INDEX off the loss), plus `position_ids` when examples are packed."""
+    d = config.data
+    data_format = detect_format(raw["train"].column_names, d.dataset_format, d.text_column,
+                                d.dataset_name or "(embedded corpus)")
+    answers_only = trains_on_answers_only(data_format, d.completion_only_loss, d.assistant_only_loss)
+    loss_flag = "--assistant_only_loss" if data_format == "messages" else "--completion_only_loss"
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
-        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [x + eos for x in ids]}
+        if data_format == "text":
+            ids = [x + eos for x in tokenizer(batch[d.text_column], add_special_tokens=False)["input_ids"]]
+            pairs = [(x, list(x)) for x in ids]
+        else:
+            examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            pairs = [tokenize_example(tokenizer, conversation_of(e, data_format), answers_only, loss_flag)
+                     for e in examples]
+        return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
 
-    def pack(batch):
-        stream = list(chain.from_iterable(batch["input_ids"]))
-        usable = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+    def truncate(batch):  # keep the start (the prompt and the beginning of the answer)
+        return {"truncated": [len(ids) > block_size for ids in batch["input_ids"]],
+                "input_ids": [ids[:block_size] for ids in batch["input_ids"]],
+                "labels": [labels[:block_size] for labels in batch["labels"]]}
 
-    packed = DatasetDict()
+    def has_trained_token(batch):
+        return [any(label != IGNORE_INDEX for label in labels[1:]) for labels in batch["labels"]]
+
+    rows, splits = DatasetDict(), {}
     for split, ds in raw.items():
         tokens = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
-        packed[split] = tokens.map(pack, batched=True, batch_size=1000, desc=f"packing {split} into {block_size}")
-        if len(packed[split]) == 0:
-            raise ConfigError(f"the {split} split has fewer tokens than one block of {block_size}; use more data "
-                              "or a smaller --block_size")
-    return packed.with_format("torch")
-
-
-def collate_causal_lm(examples: list[dict]) -> dict[str, torch.Tensor]:
-    input_ids = torch.stack([e["input_ids"] for e in examples])
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+        if data_format == "text" and d.packing:
+            rows[split] = tokens.map(concatenate_into_blocks, batched=True, batch_size=1000,
+                                     fn_kwargs={"block_size": block_size}, desc=f"packing {split}")
+            truncated = dropped = 0
+        else:
+            tokens = tokens.map(truncate, batched=True, desc=f"truncating {split} to {block_size}")
+            truncated = sum(tokens["truncated"])
+            kept = tokens.filter(has_trained_token, batched=True, desc=f"dropping untrainable {split} examples")
+            dropped = len(tokens) - len(kept)
+            kept = kept.remove_columns("truncated")
+            rows[split] = (kept.map(pack_examples, batched=True, batch_size=1000, remove_columns=kept.column_names,
+                                    fn_kwargs={"block_size": block_size}, desc=f"packing {split}")
+                           if d.packing else kept)
+        if len(rows[split]) == 0:
+            raise ConfigError(f"the {split} split gives no training rows (fewer tokens than one block of "
+                              f"{block_size}, or no example with a trained token); use more data or a smaller "
+                              "--block_size")
+        lengths = [len(ids) for ids in rows[split]["input_ids"]]
+        trained = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in rows[split]["labels"])
+        splits[split] = SplitSummary(len(ds), truncated, dropped, len(rows[split]), sum(lengths), trained)
+    packing = (f"{block_size}-token blocks of the token stream" if data_format == "text" and d.packing
+               else f"whole examples packed into {block_size}-token rows" if d.packing
+               else "one example per row, padded per batch")
+    loss_on = ("every token" if not answers_only
+               else "the assistant turns" if data_format == "messages" else "the completions")
+    return rows, DataSummary(data_format, loss_on, packing, splits)

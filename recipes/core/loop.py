@@ -28,14 +28,18 @@ from recipes.core import embedded
 from recipes.core.checkpoint import (TrainerState, checkpoints_in, load_checkpoint, resolve_checkpoint,
                                      resume_settings, save_checkpoint)
 from recipes.core.config import Config, ConfigError, parse_config
-from recipes.core.data import collate_causal_lm, load_raw_datasets, tokenize_and_pack
+from recipes.core.chat_masks import IGNORE_INDEX, use_chat_template_file
+from recipes.core.data import build_datasets, load_raw_datasets
 from recipes.core.memory import CudaMemoryHistory, StepMemoryProfile, parse_step_window
 from recipes.core.metrics import TrainingMetrics
 from recipes.core.optimizer_recipe import OptimizerRecipe
+from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
 from recipes.core.replicas import replicas_identical
+from recipes.core.throughput import flops_per_token, mfu_note, peak_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:
@@ -88,38 +92,58 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
     return accelerator
 
 
-def load_tokenizer_and_model(config: Config):
+def load_tokenizer(config: Config):
+    """The model's tokenizer (or --tokenizer_name's), with --chat_template's template if given."""
     m = config.model
-    source = m.model_name_or_path or str(embedded.EMBEDDED_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_name or source, trust_remote_code=m.trust_remote_code)
+    source = m.tokenizer_name or m.model_name_or_path or str(embedded.EMBEDDED_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+    use_chat_template_file(tokenizer, config.data.chat_template)
+    return tokenizer
+
+
+def load_model_config(config: Config):
+    m = config.model
+    return AutoConfig.from_pretrained(m.model_name_or_path or str(embedded.EMBEDDED_DIR),
+                                      trust_remote_code=m.trust_remote_code)
+
+
+def load_model(config: Config, model_config):
+    m = config.model
     if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded
         # Built from its class, not from_config: outside DeepSpeed's zero.Init, so the same init under every setup.
-        model_config = AutoConfig.from_pretrained(source)
-        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[m.dtype],
-                                                     trust_remote_code=m.trust_remote_code)
-    return tokenizer, model
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
+    return AutoModelForCausalLM.from_pretrained(m.model_name_or_path, dtype=DTYPES[m.dtype],
+                                                trust_remote_code=m.trust_remote_code)
 
 
 def parameter_count(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: whole sizes
 
 
-def default_block_size(model) -> int:
-    return min(1024, getattr(model.config, "max_position_embeddings", 1024))
+def default_block_size(model_config) -> int:
+    return min(1024, getattr(model_config, "max_position_embeddings", 1024))
+
+
+def check_packed_examples_stay_apart(model, rows) -> None:
+    """Packed rows rely on position_ids to keep examples apart; refuse an attention that ignores them."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if "position_ids" in rows.column_names and implementation not in ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES:
+        raise ConfigError(f"--packing true puts several examples in one row, and the model's attention "
+                          f"({implementation}) would let them attend to each other; use --packing false, or load the "
+                          f"model with one of {', '.join(ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES)}")
 
 
 def build_dataloaders(config: Config, raw, tokenizer, block_size: int, accelerator: Accelerator):
     t = config.train
     with accelerator.main_process_first():
-        packed = tokenize_and_pack(raw, tokenizer, config.data.text_column, block_size)
+        rows, summary = build_datasets(raw, tokenizer, config, block_size)
+    pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    collate = PaddingCollator(pad_token_id)
     shuffle = torch.Generator().manual_seed(t.seed)
-    train_loader = DataLoader(packed["train"], batch_size=t.per_device_train_batch_size, shuffle=True,
-                              generator=shuffle, collate_fn=collate_causal_lm, drop_last=True)
-    eval_loader = DataLoader(packed["validation"], batch_size=t.per_device_eval_batch_size,
-                             collate_fn=collate_causal_lm)
-    return train_loader, eval_loader, shuffle
+    train_loader = DataLoader(rows["train"], batch_size=t.per_device_train_batch_size, shuffle=True,
+                              generator=shuffle, collate_fn=collate, drop_last=True)
+    eval_loader = DataLoader(rows["validation"], batch_size=t.per_device_eval_batch_size, collate_fn=collate)
+    return train_loader, eval_loader, shuffle, summary
 
 
 def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
@@ -131,16 +155,20 @@ def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
 
 @torch.no_grad()
 def evaluate(model, eval_loader, accelerator: Accelerator) -> float:
-    """Mean next-token loss over every validation token (each block counted once across processes)."""
+    """Mean next-token loss over every trained validation token (the tokens training puts the loss on, each row
+    counted once across processes)."""
     model.eval()
-    per_block = []
+    loss_sums, token_counts = [], []
     for batch in eval_loader:
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_counts")}
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-        per_block.append(accelerator.gather_for_metrics(loss.mean(dim=1)))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="none").view(targets.shape)
+        loss_sums.append(accelerator.gather_for_metrics(loss.sum(dim=1).double()))
+        token_counts.append(accelerator.gather_for_metrics((targets != IGNORE_INDEX).sum(dim=1)))
     model.train()
-    return torch.cat(per_block).mean().item()
+    return (torch.cat(loss_sums).sum() / torch.cat(token_counts).sum()).item()
 
 
 def save_model(accelerator: Accelerator, model, state_dict: dict, tokenizer, output_dir: Path) -> None:
@@ -175,14 +203,21 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     accelerator = build_accelerator(config, recipe)
     set_seed(t.seed)
     raw = load_raw_datasets(config)
-    tokenizer, model = load_tokenizer_and_model(config)
-    block_size = config.data.block_size or default_block_size(model)
-    train_loader, eval_loader, shuffle = build_dataloaders(config, raw, tokenizer, block_size, accelerator)
+    tokenizer = load_tokenizer(config)
+    model_config = load_model_config(config)
+    block_size = config.data.block_size or default_block_size(model_config)
+    train_loader, eval_loader, shuffle, data_summary = build_dataloaders(config, raw, tokenizer, block_size,
+                                                                         accelerator)
+    model = load_model(config, model_config)
+    check_packed_examples_stay_apart(model, train_loader.dataset)
     if t.gradient_checkpointing:
         # transformers 5.x renamed gradient_checkpointing_enable (deprecated there, to be removed in v6)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     optimizer = recipe.build(model, config)
+    embedding = model.get_input_embeddings().weight
+    training_flops_per_token = flops_per_token(model.config, parameter_count(model),
+                                               getattr(embedding, "ds_numel", embedding.numel()), block_size)
     total_steps = total_optimizer_steps(config, len(train_loader) // accelerator.num_processes)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
                               num_training_steps=total_steps)
@@ -198,24 +233,29 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
                 shutil.rmtree(old)
         resolved = config.to_dict() | {"block_size": block_size, "total_steps": total_steps,
                                        "num_processes": accelerator.num_processes,
-                                       "distributed_type": str(accelerator.distributed_type)}
+                                       "distributed_type": str(accelerator.distributed_type),
+                                       "data_summary": data_summary.to_dict()}
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     if t.report_to != "none":
         accelerator.init_trackers(t.run_name or recipe.name, config=config.to_dict())
     accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es) "
                       f"({accelerator.distributed_type}), {parameter_count(model):,} parameters"
-                      + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""))
+                      + (f", resuming at step {state.step} from {resume_from}" if resume_from else "")
+                      + f"; {mfu_note(accelerator.device)}\n{data_summary.describe()}")
 
     def checkpoint() -> Path:
         """Save at x for schedule-free (eval mode), refuse to save non-finite weights, then carry on training."""
         stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
+        state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
         recipe.eval_mode(optimizer)
         path = save_checkpoint(accelerator, output_dir, state, settings, t.save_total_limit)
         recipe.train_mode(optimizer)
         return path
 
     # --- train
-    metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step)
+    metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step,
+                              tokens_seen=(state.tokens_seen, state.trained_tokens_seen),
+                              flops_per_token=training_flops_per_token, peak_flops=peak_flops(accelerator.device))
     memory_history = CudaMemoryHistory(output_dir, parse_step_window(t.memory_snapshot_steps), accelerator.device)
     memory_profile = StepMemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,
                                        step=min(state.step + 2, total_steps) if t.profile_memory else None)
@@ -224,19 +264,20 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     model.train()
     started = time.perf_counter()
     step_loss = torch.zeros((), device=accelerator.device)
+    step_tokens = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (input, trained), this process
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: every loss finite so far
-    grad_norm = None
     with memory_history.dump_on_out_of_memory():  # a CUDA OOM leaves a snapshot behind
         while state.step < total_steps:
             shuffle.manual_seed(t.seed + state.epoch)  # each epoch's order depends only on (seed, epoch): resumable
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
             for batch in batches:
                 memory_history.before_step(state.step + 1)
+                step_tokens += batch.pop("token_counts")  # not a model input
                 with (recipe.micro_step_context(accelerator, model),  # sets sync_gradients for the next line
                       memory_profile.measure(state.step + 1, accelerator.sync_gradients)):
-                    loss = model(**batch).loss
+                    loss = model(**batch, use_cache=False).loss  # no cache: packed examples stay apart
                     recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
-                    grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm) or grad_norm
+                    grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm)  # None: not measured
                 step_loss += loss.detach() / t.gradient_accumulation_steps
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
@@ -245,11 +286,9 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
                 scheduler.step()
                 state.step += 1
                 memory_history.after_step(state.step)
-                tokens = batch["input_ids"].numel() * accelerator.num_processes * t.gradient_accumulation_steps
-                state.tokens_seen += tokens
                 first_bad_step = torch.where((first_bad_step == 0) & ~step_loss.isfinite(), state.step, first_bad_step)
-                metrics.add_step(step_loss, tokens=tokens)
-                step_loss = torch.zeros_like(step_loss)
+                metrics.add_step(step_loss, step_tokens)
+                step_loss, step_tokens = torch.zeros_like(step_loss), torch.zeros_like(step_tokens)
                 if state.step % t.logging_steps == 0 or state.step == total_steps:
                     stop_if_nonfinite(accelerator, None, first_bad_step, output_dir)
                     metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
@@ -281,8 +320,10 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
         accelerator.print(f"{recipe.name}: WARNING: the processes hold different weights at the end of training")
     save_model(accelerator, model, recipe.full_state_dict(accelerator, model), tokenizer, output_dir)
     recipe.train_mode(optimizer)
+    state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
     results = {"step": state.step, "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700)),
                "train_runtime_s": time.perf_counter() - started, "tokens_seen": state.tokens_seen,
+               "trained_tokens_seen": state.trained_tokens_seen, "mfu": metrics.median_mfu(),
                "num_processes": accelerator.num_processes, "replicas_identical": identical}
     metrics.write(results)
     metrics.close()

@@ -16,55 +16,93 @@ from tqdm.auto import tqdm
 
 from recipes.core.memory import PeakMemoryMeter
 
-BAR_FIELDS = ("loss", "lr", "tokens_per_s", "peak_allocated_gib", "peak_rss_gib")
+BAR_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "peak_allocated_gib", "peak_rss_gib")
 
 
 class TrainingMetrics:
-    def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0):
-        """A resumed run (first_step > 0) appends to metrics.jsonl; a fresh one starts it anew."""
+    def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0,
+                 tokens_seen: tuple[int, int] = (0, 0), flops_per_token: float | None = None,
+                 peak_flops: float | None = None):
+        """A resumed run (first_step > 0) appends to metrics.jsonl; a fresh one starts it anew. `tokens_seen`: the
+        (input, trained) tokens of the steps before first_step. MFU is logged where `peak_flops` is known."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.is_main, desc="training",
                         dynamic_ncols=True)
         self.jsonl = open(output_dir / "metrics.jsonl", "a" if first_step else "w") if self.is_main else None
+        self.total_steps = total_steps
         self._loss_sum = torch.zeros((), device=accelerator.device)
+        self._pending_tokens = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # not yet reduced
+        self.tokens_seen, self.trained_tokens_seen = tokens_seen
         self._steps = 0
-        self._tokens = 0
-        self._started = time.perf_counter()
+        self._interval_tokens = [0, 0]  # (input, trained) tokens of all processes since the last log point
+        self._started = self._run_started = time.perf_counter()
+        self._first_step = first_step
+        self._mfu_per_step = flops_per_token / (peak_flops * accelerator.num_processes) if peak_flops else None
+        self.mfu_values: list[float] = []
         self.memory = PeakMemoryMeter(accelerator.device)
 
-    def add_step(self, loss_sum: torch.Tensor, tokens: int) -> None:
-        """One optimizer step: its loss (mean over micro-batches, this process) and the tokens all processes saw."""
+    def add_step(self, loss_sum: torch.Tensor, token_counts: torch.Tensor) -> None:
+        """One optimizer step: its loss (mean over micro-batches, this process) and this process's (input, trained)
+        token counts, summed over its micro-batches; both stay on the device until the next log point."""
         self._loss_sum += loss_sum
+        self._pending_tokens += token_counts
         self._steps += 1
-        self._tokens += tokens
         self.bar.update(1)
+
+    def sync_tokens(self) -> tuple[int, int]:
+        """(input, trained) tokens of all processes so far: one reduction. Call on every rank."""
+        counts = self.accelerator.reduce(self._pending_tokens.clone(), reduction="sum").tolist()
+        self._pending_tokens.zero_()
+        self.tokens_seen += counts[0]
+        self.trained_tokens_seen += counts[1]
+        self._interval_tokens = [self._interval_tokens[0] + counts[0], self._interval_tokens[1] + counts[1]]
+        return self.tokens_seen, self.trained_tokens_seen
 
     def flush(self, step: int, **extra: float | None) -> dict:
         """Reduce the interval's numbers across processes, then print, write and track them. Call on every rank."""
         loss = self.accelerator.reduce(self._loss_sum, reduction="mean").item() / max(self._steps, 1)
+        self.sync_tokens()
         elapsed = time.perf_counter() - self._started
-        record = {"step": step, "loss": loss, "tokens_per_s": self._tokens / elapsed if elapsed > 0 else 0.0}
+        rate = [n / elapsed if elapsed > 0 else 0.0 for n in self._interval_tokens]
+        record = {"step": step, "loss": loss, "tokens_per_s": rate[0], "trained_tokens_per_s": rate[1]}
+        if self._mfu_per_step is not None:
+            record["mfu"] = rate[0] * self._mfu_per_step
+            self.mfu_values.append(record["mfu"])
         record.update({k: v for k, v in extra.items() if v is not None})
         record.update(self.memory.read_and_reset())  # this process's peak since the last log point
         self._loss_sum.zero_()
-        self._steps, self._tokens, self._started = 0, 0, time.perf_counter()
-        self.write(record)
+        self._steps, self._interval_tokens, self._started = 0, [0, 0], time.perf_counter()
+        done = step - self._first_step
+        eta = (time.perf_counter() - self._run_started) / done * (self.total_steps - step) if done > 0 else None
+        self.write(record, suffix=f" eta={_duration(eta)}" if eta is not None else "")
         return record
 
-    def write(self, record: dict) -> None:
+    def median_mfu(self) -> float | None:
+        """Median over log points, the first (warm-up) left out when there are others."""
+        values = self.mfu_values[1:] or self.mfu_values
+        return sorted(values)[len(values) // 2] if values else None
+
+    def write(self, record: dict, suffix: str = "") -> None:
         if not self.is_main:
             return
-        self.bar.set_postfix({k: _short(v) for k, v in record.items() if k in BAR_FIELDS})
-        self.bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items()))
+        self.bar.set_postfix({k: _short(v) for k, v in record.items() if k in BAR_FIELDS and v is not None})
+        self.bar.write(" ".join(f"{k}={_short(v)}" for k, v in record.items() if v is not None) + suffix)
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                             step=record["step"])
 
     def close(self) -> None:
         self.bar.close()
         if self.jsonl:
             self.jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _short(value) -> str:
