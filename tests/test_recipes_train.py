@@ -126,3 +126,45 @@ def test_recipe_runs_as_a_plain_python_script_and_documents_itself(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert results(out)["step"] == 3
+
+
+def test_train_in_process_puts_back_the_signal_handlers_it_replaced(tmp_path, fresh_accelerate_state, monkeypatch):
+    """A notebook or sweep driver that calls train() keeps its own SIGTERM/SIGUSR1 handling after the run, whether
+    the run returns or raises."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from recipes.core import loop
+
+    recipe = {r.name: r for r in all_recipes()}["adamw"]
+
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        loop.train(recipe, parse_config(recipe, ["--max_steps", "2", "--output_dir", str(tmp_path / "returns")]))
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) is mine
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+        def fails(*args, **kwargs):
+            raise RuntimeError("evaluation failed")
+
+        monkeypatch.setattr(loop, "evaluate", fails)
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            loop.train(recipe, parse_config(recipe, ["--max_steps", "2", "--output_dir", str(tmp_path / "raises")]))
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_help_lists_the_knobs_this_recipe_reads_and_not_the_others():
+    lomo_help = subprocess.run([sys.executable, str(REPO / "recipes" / "lomo.py"), "--help"], env=offline_env(),
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "--clip_grad_value" in lomo_help and "--learning_rate" in lomo_help and "--dataset_format" in lomo_help
+    for other in ("--adam_beta1", "--grokadamw_lamb", "--loss_scale", "--sgd_momentum"):
+        assert other not in lomo_help

@@ -134,6 +134,7 @@ class OptimizerArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, OptimizerArguments)
+OPTIMIZER_FLAGS = {f.name for f in dataclasses.fields(OptimizerArguments)}
 
 
 @dataclass
@@ -162,6 +163,9 @@ def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Conf
     parser = HfArgumentParser(ARGUMENT_CLASSES, description=recipe.description,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of flag: value pairs; the command line overrides it.")
+    for action in parser._actions:  # --help lists the knobs this optimizer reads; the others stay refused if set
+        if action.dest in OPTIMIZER_FLAGS and action.dest not in recipe.reads_flags:
+            action.help = argparse.SUPPRESS
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_read_yaml_flags(known.config))

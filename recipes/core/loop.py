@@ -6,6 +6,7 @@ backward and step, and when to switch modes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -195,6 +196,13 @@ class TrainingStopped(RuntimeError):
 
 
 def train(recipe: OptimizerRecipe, config: Config) -> dict:
+    """Run one training job; whatever it installs process-wide (signal handlers) is undone when it returns or
+    raises."""
+    with contextlib.ExitStack() as undo_on_exit:
+        return run_training(recipe, config, undo_on_exit)
+
+
+def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextlib.ExitStack) -> dict:
     t = config.train
     output_dir = Path(t.output_dir)
     resume_from = resolve_checkpoint(config)
@@ -259,7 +267,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     memory_history = CudaMemoryHistory(output_dir, parse_step_window(t.memory_snapshot_steps), accelerator.device)
     memory_profile = StepMemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,
                                        step=min(state.step + 2, total_steps) if t.profile_memory else None)
-    preemption = PreemptionRequest(accelerator)
+    preemption = undo_on_exit.enter_context(PreemptionRequest(accelerator))
     recipe.train_mode(optimizer)
     model.train()
     started = time.perf_counter()

@@ -14,11 +14,21 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionRequest:
+    """A context: installs the handlers on entry and puts back the ones it replaced on exit, so a programme that
+    calls train() in-process (a notebook, a sweep) gets its own SIGTERM behaviour back when the run ends."""
+
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.signal_name: str | None = None
-        for sig in SIGNALS:
-            signal.signal(sig, self._on_signal)
+        self._replaced: dict = {}
+
+    def __enter__(self) -> PreemptionRequest:
+        self._replaced = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._replaced.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
