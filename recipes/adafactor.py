@@ -1,6 +1,8 @@
 """Adafactor (transformers.optimization.Adafactor) with an external learning rate, as the Transformers Trainer uses it.
 
 Factored second moments: state is a row and a column vector per matrix, not a full-size tensor.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (AdamW's (the relative step is off, so the lr is
+absolute); conservative), else 3e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only.
 Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor).
@@ -18,6 +20,7 @@ from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_grou
 class AdafactorRecipe(OptimizerRecipe):
     name = "adafactor"
     default_learning_rate = 3e-3
+    fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
 
     def refuse(self, config):
         return refuse_flattened_partitions(

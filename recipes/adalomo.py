@@ -3,6 +3,8 @@
 The update is scaled by each parameter's RMS, so lr is relative (authors: 1e-3 or 5e-4 when fine-tuning).
 Built through AdaLomoOnModelDevice (recipes/core/lomo_fixes.py): lomo-optim 0.1.1 puts its state on CUDA
 unconditionally, which fails on CPU.
+Learning rate: --learning_rate, else 5e-4 with --model_name_or_path (the AdaLomo authors recommend 1e-3 or 5e-4),
+else 1e-1 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --loss_scale (static, default
 1024; lower it if losses go NaN), --max_grad_norm (a second backward pass, so off by default), gradient
 checkpointing, --bf16.
@@ -22,6 +24,7 @@ from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel
 class AdaLomoRecipe(FusedBackwardRecipe):
     name = "adalomo"
     default_learning_rate = 1e-1  # a from-scratch tiny model has small weights; use 1e-3..5e-4 for fine-tuning
+    fine_tuning_learning_rate = 5e-4  # with --model_name_or_path: see the docstring
     reads_flags = ("clip_grad_value", "loss_scale")
 
     def optimizer_state_bytes(self, shapes, element_bytes):

@@ -1,5 +1,7 @@
 """AdamW (torch.optim.AdamW): the baseline every other recipe is measured against.
 
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (TRL's SFTConfig default for full fine-tuning),
+else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm clipping (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
 Refuses: nothing. Memory: parameters + gradients + 2 fp32 moments per parameter.
@@ -14,6 +16,7 @@ from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_group
 class AdamWRecipe(OptimizerRecipe):
     name = "adamw"
     default_learning_rate = 1e-3
+    fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
     same_update_as_deepspeed_cpu_adam = True  # torch AdamW -> DeepSpeedCPUAdam(adamw_mode) with its groups' betas/eps
 

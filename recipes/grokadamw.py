@@ -1,5 +1,7 @@
 """GrokAdamW (grokadamw.GrokAdamW): AdamW plus an EMA of gradients, amplified by lamb, for slow-varying gradients.
 
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (AdamW's (GrokAdamW is AdamW on EMA-amplified
+gradients); conservative), else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0; GrokAdamW
 also clips each tensor to norm 1.0 itself), --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon,
 --grokadamw_alpha_init, --grokadamw_lamb, --grokadamw_gamma (per-position momentum decay).
@@ -18,6 +20,7 @@ from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_grou
 class GrokAdamWRecipe(OptimizerRecipe):
     name = "grokadamw"
     default_learning_rate = 1e-3
+    fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "grokadamw_alpha_init", "grokadamw_lamb",
                    "grokadamw_gamma")
 

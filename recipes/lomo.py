@@ -2,6 +2,9 @@
 
 Each parameter is updated by a hook as its gradient arrives, at the scheduled lr of the step
 (optimizer.fused_backward(loss, lr)); there is no optimizer.step().
+Learning rate: --learning_rate, else 1e-2 with --model_name_or_path (a third of the LOMO authors' 3e-2
+(config/args_lomo.yaml), which they pair with clip_grad_norm 1.0, off here by default), else 0.5 for the embedded
+tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --max_grad_norm (LOMO's
 clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
 Works under DDP and FSDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3
@@ -21,6 +24,7 @@ from recipes.core.optimizer_recipe import FusedBackwardRecipe
 class LomoRecipe(FusedBackwardRecipe):
     name = "lomo"
     default_learning_rate = 0.5  # plain SGD on the from-scratch tiny model; tune it for a pretrained LLM
+    fine_tuning_learning_rate = 1e-2  # with --model_name_or_path: see the docstring
     reads_flags = ("clip_grad_value",)
 
     def optimizer_state_bytes(self, shapes, element_bytes):

@@ -21,6 +21,18 @@ CASES = {
     "schedule with schedule-free adamw": ("schedule_free_adamw", ["--lr_scheduler_type", "cosine"], "use --lr_scheduler_type constant"),
     "schedule with schedule-free sgd": ("schedule_free_sgd", ["--lr_scheduler_type", "linear"], "--lr_scheduler_type linear would stack a second schedule"),
     "knob of another optimizer": ("adamw", ["--loss_scale", "64"], "--loss_scale has no effect on adamw; it is read by adalomo"),
+    "missing model folder": ("adamw", ["--model_name_or_path", "./no-such-model"],
+                             "--model_name_or_path ./no-such-model: no such folder"),
+    "hub model not in the offline cache": ("lomo", ["--model_name_or_path", "no-org/no-such-model"],
+                                           "--model_name_or_path no-org/no-such-model: not in the local Hugging Face "
+                                           "cache, and HF_HUB_OFFLINE is set"),
+    "hub tokenizer not in the offline cache": ("adamw", ["--tokenizer_name", "no-org/no-such-tokenizer"],
+                                               "--tokenizer_name no-org/no-such-tokenizer: not in the local Hugging "
+                                               "Face cache"),
+    "hub data set not in the offline cache": ("adalomo", ["--dataset_name", "no-org/no-such-data"],
+                                              "--dataset_name no-org/no-such-data: not in the local Hugging Face cache"),
+    "missing data folder": ("adamw", ["--dataset_name", "./no/such/folder"], "--dataset_name ./no/such/folder: no such "
+                            "file or folder"),
     "unknown scheduler": ("adamw", ["--lr_scheduler_type", "sometimes"], "--lr_scheduler_type 'sometimes' is not a schedule"),
 }
 
@@ -62,3 +74,22 @@ def test_existing_model_is_never_overwritten_silently(tmp_path):
     assert proc.returncode != 0
     assert "already holds a trained model; choose another --output_dir or pass --overwrite_output_dir" in proc.stderr
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_model_folder_without_config_and_unknown_data_configuration(tmp_path):
+    not_a_model = tmp_path / "weights_only"
+    not_a_model.mkdir()
+    (not_a_model / "model.safetensors").write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(50)))
+    for args, expected in (
+            (["--model_name_or_path", str(not_a_model)],
+             f"--model_name_or_path {not_a_model}: the folder has no config.json (it has model.safetensors)"),
+            (["--dataset_name", str(data), "--dataset_config_name", "nope"],
+             f"--dataset_config_name nope: --dataset_name {data} has no such configuration")):
+        out = tmp_path / "out"
+        proc = launch("adamw", *args, "--output_dir", str(out), check=False)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("adamw: error:")]
+        assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+        assert not out.exists()  # nothing written

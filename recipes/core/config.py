@@ -145,9 +145,10 @@ class Config:
     optim: OptimizerArguments
     recipe: str = ""
     launch: LaunchSetup = field(default_factory=LaunchSetup.from_environment)
+    defaults_used: dict = field(default_factory=dict)  # flag -> which default filled it in, and why
 
     def to_dict(self) -> dict:
-        out = {"recipe": self.recipe, "launch": self.launch.describe()}
+        out = {"recipe": self.recipe, "launch": self.launch.describe(), "defaults_used": self.defaults_used}
         for part in (self.model, self.data, self.train, self.optim):
             out.update(dataclasses.asdict(part))
         return out

@@ -37,6 +37,7 @@ from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
 from recipes.core.replicas import replicas_identical
+from recipes.core.sources import check_sources
 from recipes.core.throughput import flops_per_token, mfu_note, peak_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -205,6 +206,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
 def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextlib.ExitStack) -> dict:
     t = config.train
     output_dir = Path(t.output_dir)
+    check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line says why
     resume_from = resolve_checkpoint(config)
 
     # --- setup: data is checked before any model is loaded, so bad data fails in seconds
@@ -245,11 +247,14 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
                                        "data_summary": data_summary.to_dict()}
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     if t.report_to != "none":
-        accelerator.init_trackers(t.run_name or recipe.name, config=config.to_dict())
+        flat = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in config.to_dict().items()}  # trackers
+        accelerator.init_trackers(t.run_name or recipe.name, config=flat)
     accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es) "
                       f"({accelerator.distributed_type}), {parameter_count(model):,} parameters"
                       + (f", resuming at step {state.step} from {resume_from}" if resume_from else "")
-                      + f"; {mfu_note(accelerator.device)}\n{data_summary.describe()}")
+                      + f"; {mfu_note(accelerator.device)}"
+                      + "".join(f"\n--{flag} {why}" for flag, why in config.defaults_used.items())
+                      + f"\n{data_summary.describe()}")
 
     def checkpoint() -> Path:
         """Save at x for schedule-free (eval mode), refuse to save non-finite weights, then carry on training."""

@@ -63,7 +63,8 @@ class OptimizerRecipe:
     """An optimizer with an ordinary step: backward, optional global-norm clipping, step, zero_grad."""
 
     name: str = ""
-    default_learning_rate: float = 1e-3
+    default_learning_rate: float = 1e-3  # for the embedded tiny model, trained from scratch
+    fine_tuning_learning_rate: float = 2e-5  # with --model_name_or_path: a pretrained model
     default_lr_scheduler_type: str = "linear"
     default_max_grad_norm: float = 1.0
     reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
@@ -90,7 +91,12 @@ class OptimizerRecipe:
 
     def fill_defaults(self, config: Config) -> None:
         t = config.train
-        t.learning_rate = self.default_learning_rate if t.learning_rate is None else t.learning_rate
+        if t.learning_rate is None:
+            pretrained = config.model.model_name_or_path is not None
+            t.learning_rate = self.fine_tuning_learning_rate if pretrained else self.default_learning_rate
+            config.defaults_used["learning_rate"] = (
+                f"{t.learning_rate:g}, the {self.name} recipe's default for "
+                + ("fine-tuning a pretrained model" if pretrained else "the embedded model trained from scratch"))
         t.lr_scheduler_type = t.lr_scheduler_type or self.default_lr_scheduler_type
         t.max_grad_norm = self.default_max_grad_norm if t.max_grad_norm is None else t.max_grad_norm
         t.output_dir = t.output_dir or f"runs/{self.name}"

@@ -1,0 +1,86 @@
+"""Model, tokenizer and data sources, resolved before anything heavy loads: one line for each problem.
+
+The commonest first-run mistakes (a mistyped local folder, a hub id that is not in the cache of an offline node, a
+data set configuration that does not exist) otherwise end in chained tracebacks after the data was tokenized.
+Resolving costs a config file or a data set's metadata, never weights or data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from recipes.core.config import Config, ConfigError, data_file_builder
+
+_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def check_sources(config: Config) -> None:
+    m, d = config.model, config.data
+    if m.model_name_or_path:
+        _check_model_files("--model_name_or_path", m.model_name_or_path, ("config.json",), m.trust_remote_code)
+    if m.tokenizer_name:
+        _check_model_files("--tokenizer_name", m.tokenizer_name, ("tokenizer_config.json", "tokenizer.json"),
+                           m.trust_remote_code)
+    if d.dataset_name and data_file_builder(d.dataset_name) is None:
+        _check_dataset(d.dataset_name, d.dataset_config_name)
+
+
+def _offline() -> str | None:
+    return next((name for name in _OFFLINE if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
+
+
+def _looks_local(value: str) -> bool:
+    """A path, not a hub id ('org/name' or 'name'): starts like a path, or has more than one '/'."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or os.sep in value.replace("/", "")
+
+
+def _check_model_files(flag: str, value: str, any_of: tuple[str, ...], trust_remote_code: bool) -> None:
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in any_of):
+            have = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise ConfigError(f"{flag} {value}: the folder has no {' or '.join(any_of)} (it has {have}); give a "
+                              "folder written by save_pretrained, or a hub id")
+        return
+    if path.exists() or _looks_local(value):
+        raise ConfigError(f"{flag} {value}: no such folder ({path.resolve()} does not exist); check the path, or give "
+                          "a hub id such as Qwen/Qwen2.5-0.5B")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        if flag == "--tokenizer_name":
+            AutoTokenizer.from_pretrained(value, trust_remote_code=trust_remote_code)
+        else:
+            AutoConfig.from_pretrained(value, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(_hub_message(flag, value, error, "hf download " + value)) from None
+
+
+def _check_dataset(name: str, config_name: str | None) -> None:
+    from datasets import load_dataset_builder
+
+    path = Path(name).expanduser()
+    if not path.exists() and _looks_local(name):
+        raise ConfigError(f"--dataset_name {name}: no such file or folder ({path.resolve()} does not exist); check "
+                          "the path, or give a hub id")
+    try:
+        builder = load_dataset_builder(name, config_name)
+    except ValueError as error:  # e.g. "BuilderConfig 'x' not found. Available: [...]"
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"--dataset_config_name {config_name}: --dataset_name {name} has no such configuration "
+                          f"({first}); pass one of those, or drop the flag") from None
+    except (OSError, ConnectionError, FileNotFoundError) as error:
+        raise ConfigError(_hub_message("--dataset_name", name, error, f"hf download {name} --repo-type dataset")) \
+            from None
+    del builder
+
+
+def _hub_message(flag: str, value: str, error: Exception, download: str) -> str:
+    offline = _offline()
+    if offline:
+        return (f"{flag} {value}: not in the local Hugging Face cache, and {offline} is set so the Hub is not asked; "
+                f"fetch it where there is internet (`{download}`, same HF_HOME), or give a local path")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{flag} {value}: could not be loaded ({first}); check the id on huggingface.co (a private or gated "
+            "repo needs `hf auth login`), or give a local path")
