@@ -56,3 +56,14 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_ops_built():
+    """DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam) on first use, ~2 minutes cold. Build them
+    once here, before any test launches processes that would race to build them; cached, this takes seconds."""
+    code = ("from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder, CPUAdamBuilder\n"
+            "ShareMemCommBuilder().load(); CPUAdamBuilder().load()")
+    proc = subprocess.run([sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"building DeepSpeed's CPU ops failed:\n{proc.stderr[-3000:]}"
