@@ -47,20 +47,24 @@ def results(output_dir: Path) -> dict:
     return json.loads((output_dir / "results.json").read_text())
 
 
-@pytest.fixture
-def fresh_accelerate_state():
+def reset_accelerate_state() -> None:
     """In-process tests build several Accelerators; accelerate keeps process-wide state between them."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def deepspeed_cpu_ops_built():
-    """DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam) on first use, ~2 minutes cold. Build them
+    """DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam) on first use (minutes, cold). Build them
     once here, before any test launches processes that would race to build them; cached, this takes seconds."""
     code = ("from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder, CPUAdamBuilder\n"
             "ShareMemCommBuilder().load(); CPUAdamBuilder().load()")

@@ -30,7 +30,8 @@ CASES = {
                                                "--tokenizer_name no-org/no-such-tokenizer: not in the local Hugging "
                                                "Face cache"),
     "hub data set not in the offline cache": ("adalomo", ["--dataset_name", "no-org/no-such-data"],
-                                              "--dataset_name no-org/no-such-data: not in the local Hugging Face cache"),
+                                              "--dataset_name no-org/no-such-data: not in the local Hugging Face "
+                                              "cache"),
     "missing data folder": ("adamw", ["--dataset_name", "./no/such/folder"], "--dataset_name ./no/such/folder: no such "
                             "file or folder"),
     "unknown scheduler": ("adamw", ["--lr_scheduler_type", "sometimes"], "--lr_scheduler_type 'sometimes' is not a schedule"),

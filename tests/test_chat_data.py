@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from recipes.adamw import RECIPE as ADAMW
 from recipes.core.chat_masks import IGNORE_INDEX, assistant_mask, tokenize_example
 from recipes.core.config import ConfigError, parse_config
 from recipes.core.data import build_datasets, load_raw_datasets
 from recipes.core.data_formats import Conversation
-from recipes.core.embedded import EMBEDDED_DIR, alpaca_examples, chat_conversations, generate_corpus
+from recipes.core.embedded import EMBEDDED_DIR, chat_conversations
 from recipes.core.packing import PaddingCollator, best_fit_decreasing
 
 EOS = "<|endoftext|>"
@@ -126,7 +126,8 @@ def _first_words(record: dict) -> str:
         value = record["input"]
     if value is None:
         turns = record.get("messages") or record.get("conversations")
-        value = next(t.get("content", t.get("value")) for t in turns if t.get("role", t.get("from")) in ("user", "human"))
+        value = next(t.get("content", t.get("value")) for t in turns
+                     if t.get("role", t.get("from")) in ("user", "human"))
     if isinstance(value, list):
         value = next(m["content"] for m in value if m["role"] == "user")
     return value
@@ -242,3 +243,16 @@ def test_packed_examples_get_the_logits_they_get_alone(attn_implementation, tmp_
             for start, end in zip(starts, starts[1:]):
                 alone = model(input_ids=torch.tensor([row["input_ids"][start:end]]), use_cache=False).logits[0]
                 torch.testing.assert_close(together[b, start:end], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_refused_for_an_attention_that_would_mix_the_examples(tmp_path):
+    from recipes.core.loop import check_packed_examples_stay_apart
+
+    records = [{"messages": c} for c in chat_conversations(20, seed=3)]
+    (rows, _), _ = rows_of(tmp_path, records, "--validation_split_percentage", "10")
+    check_packed_examples_stay_apart(tiny_model("sdpa"), rows["train"])  # keeps them apart: accepted
+    with pytest.raises(ConfigError, match=r"attention \(flex_attention\) would let them attend to each other; use "
+                                          "--packing false"):
+        check_packed_examples_stay_apart(tiny_model("flex_attention"), rows["train"])
+    (unpacked, _), _ = rows_of(tmp_path, records, "--packing", "false", "--validation_split_percentage", "10")
+    check_packed_examples_stay_apart(tiny_model("flex_attention"), unpacked["train"])  # nothing packed: fine

@@ -16,7 +16,8 @@ from recipes.core.config import parse_config
 from recipes.core.data import load_raw_datasets
 from recipes.core.loop import build_dataloaders, evaluate
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, train_losses
+from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, reset_accelerate_state, results,
+                            train_losses)
 
 STEPS = 40
 
@@ -133,8 +134,6 @@ def test_train_in_process_puts_back_the_signal_handlers_it_replaced(tmp_path, fr
     the run returns or raises."""
     import signal
 
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from recipes.core import loop
 
     recipe = {r.name: r for r in all_recipes()}["adamw"]
@@ -146,9 +145,7 @@ def test_train_in_process_puts_back_the_signal_handlers_it_replaced(tmp_path, fr
     try:
         loop.train(recipe, parse_config(recipe, ["--max_steps", "2", "--output_dir", str(tmp_path / "returns")]))
         assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) is mine
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate_state()
 
         def fails(*args, **kwargs):
             raise RuntimeError("evaluation failed")

@@ -260,7 +260,8 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
     _validate_dataset_path(d.dataset_name)
     if d.dataset_format not in DATA_FORMATS:
-        raise ConfigError(f"--dataset_format {d.dataset_format!r} is not a format; use one of {', '.join(DATA_FORMATS)}")
+        raise ConfigError(f"--dataset_format {d.dataset_format!r} is not a format; use one of "
+                          f"{', '.join(DATA_FORMATS)}")
     if d.chat_template and not os.path.isfile(d.chat_template):
         raise ConfigError(f"--chat_template {d.chat_template}: no such file; give the path of a Jinja chat template "
                           "(e.g. an instruct model's chat_template.jinja)")

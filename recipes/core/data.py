@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from recipes.core import embedded
 from recipes.core.chat_masks import IGNORE_INDEX, tokenize_example
 from recipes.core.config import Config, ConfigError, data_file_builder
-from recipes.core.data_formats import conversation_of, detect_format, trains_on_answers_only
+from recipes.core.data_formats import ANSWER_ONLY_FLAG, conversation_of, detect_format, trains_on_answers_only
 from recipes.core.packing import concatenate_into_blocks, pack_examples
 
 
@@ -76,8 +76,8 @@ def build_datasets(raw: DatasetDict, tokenizer, config: Config, block_size: int)
     d = config.data
     data_format = detect_format(raw["train"].column_names, d.dataset_format, d.text_column,
                                 d.dataset_name or "(embedded corpus)")
-    answers_only = trains_on_answers_only(data_format, d.completion_only_loss, d.assistant_only_loss)
-    loss_flag = "--assistant_only_loss" if data_format == "messages" else "--completion_only_loss"
+    answers_only = trains_on_answers_only(data_format, d)
+    loss_flag = f"--{ANSWER_ONLY_FLAG.get(data_format)}"
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):

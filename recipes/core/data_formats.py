@@ -115,8 +115,12 @@ def _checked_messages(messages: list) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def trains_on_answers_only(data_format: str, completion_only_loss: bool, assistant_only_loss: bool) -> Optional[bool]:
+# the flag that switches answer-only loss for each format (text trains every token)
+ANSWER_ONLY_FLAG = {"messages": "assistant_only_loss", "prompt_completion": "completion_only_loss",
+                    "alpaca": "completion_only_loss"}
+
+
+def trains_on_answers_only(data_format: str, data_arguments) -> Optional[bool]:
     """Whether the loss is on the answers only for this format (None for text: every token is trained)."""
-    if data_format == "text":
-        return None
-    return assistant_only_loss if data_format == "messages" else completion_only_loss
+    flag = ANSWER_ONLY_FLAG.get(data_format)
+    return None if flag is None else getattr(data_arguments, flag)

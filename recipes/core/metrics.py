@@ -38,7 +38,7 @@ class TrainingMetrics:
         self._interval_tokens = [0, 0]  # (input, trained) tokens of all processes since the last log point
         self._started = self._run_started = time.perf_counter()
         self._first_step = first_step
-        self._mfu_per_step = flops_per_token / (peak_flops * accelerator.num_processes) if peak_flops else None
+        self._mfu_per_token_per_s = flops_per_token / (peak_flops * accelerator.num_processes) if peak_flops else None
         self.mfu_values: list[float] = []
         self.memory = PeakMemoryMeter(accelerator.device)
 
@@ -66,8 +66,8 @@ class TrainingMetrics:
         elapsed = time.perf_counter() - self._started
         rate = [n / elapsed if elapsed > 0 else 0.0 for n in self._interval_tokens]
         record = {"step": step, "loss": loss, "tokens_per_s": rate[0], "trained_tokens_per_s": rate[1]}
-        if self._mfu_per_step is not None:
-            record["mfu"] = rate[0] * self._mfu_per_step
+        if self._mfu_per_token_per_s is not None:
+            record["mfu"] = rate[0] * self._mfu_per_token_per_s
             self.mfu_values.append(record["mfu"])
         record.update({k: v for k, v in extra.items() if v is not None})
         record.update(self.memory.read_and_reset())  # this process's peak since the last log point
