@@ -5,7 +5,8 @@ Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (AdamW's (th
 absolute); conservative), else 3e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only.
-Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor).
+Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor) and FSDP (its sharded matrices
+meet Adafactor's plain-tensor factored state).
 Built with relative_step=False, scale_parameter=False, warmup_init=False, so --learning_rate and
 --lr_scheduler_type drive it (Adafactor's own relative-step schedule is off).
 """
@@ -23,8 +24,13 @@ class AdafactorRecipe(OptimizerRecipe):
     fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
 
     def refuse(self, config):
+        if config.launch.kind == "fsdp":
+            return ("adafactor under FSDP is not supported: each process holds a shard of every matrix (a DTensor "
+                    "under FSDP2), and transformers' Adafactor builds its row and column moments as plain tensors, "
+                    "so its first step fails; use accelerate_configs/multi_gpu.yaml")
         return refuse_flattened_partitions(
-            self, config, "Adafactor factors the second moment of each matrix into a row and a column")
+            self, config, "Adafactor factors the second moment of each matrix into a row and a column",
+            instead="multi_gpu.yaml")
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(factored_numel(s) for s in shapes) * element_bytes  # no first moment (beta1=None)

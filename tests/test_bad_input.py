@@ -34,6 +34,12 @@ CASES = {
                                               "cache"),
     "missing data folder": ("adamw", ["--dataset_name", "./no/such/folder"], "--dataset_name ./no/such/folder: no such "
                             "file or folder"),
+    "batch larger than the data": ("adamw", ["--per_device_train_batch_size", "4096"],
+                                   "the training data makes 292 rows, fewer than one optimizer step takes (4096 per "
+                                   "process x 1 process(es) x 1 accumulated = 4,096)"),
+    "grokking signal without evaluations": ("grokadamw", ["--grokadamw_signal", "eval_train_gap"],
+                                            "--grokadamw_signal eval_train_gap is refreshed at each evaluation during "
+                                            "training: set --eval_steps"),
     "unknown scheduler": ("adamw", ["--lr_scheduler_type", "sometimes"], "--lr_scheduler_type 'sometimes' is not a schedule"),
 }
 

@@ -9,6 +9,10 @@ table is generated from the same refusals and checked here.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import REPO, launch, read_metrics, results, train_losses
+from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
@@ -27,6 +31,8 @@ STEPS = ["--max_steps", "8", "--logging_steps", "1"]
 # Same global batch: 2 processes x 4 sequences vs 1 process x 8. Summing 8 per-sequence losses in another order
 # (two means of 4, then their mean) changes float rounding at ~1e-7 per step; over 8 steps we allow 1e-5.
 TOLERANCE = 1e-5
+DISTRIBUTED_TYPE = {"ddp": "DistributedType.MULTI_CPU", "deepspeed": "DistributedType.DEEPSPEED",
+                    "fsdp": "DistributedType.FSDP"}
 
 
 def launch_two_processes(recipe: str, config: str, *args: str, check: bool = True):
@@ -58,6 +64,8 @@ def test_working_cell(recipe, config, tmp_path, one_process_runs):
 
     resolved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert resolved["num_processes"] == 2, resolved["distributed_type"]
+    # the config file's kind really ran (on CPU, accelerate alone would have run fsdp2.yaml as DDP)
+    assert resolved["distributed_type"] == DISTRIBUTED_TYPE[launch_setup(config).kind]
     losses = train_losses(out)
     assert sum(losses[-3:]) < sum(losses[:3])
     assert results(out)["replicas_identical"] is True
@@ -148,3 +156,89 @@ def test_a_deepspeed_json_config_decides_the_setup(tmp_path, one_process_runs):
     proc = launch("lomo", *STEPS, "--max_grad_norm", "1.0", "--output_dir", str(tmp_path / "refused"),
                   config=str(accelerate_config), check=False)
     assert "lomo cannot clip by global norm (--max_grad_norm 1.0) under DeepSpeed ZeRO-3" in proc.stderr
+
+
+def test_fsdp1_on_a_cpu_is_refused_with_the_way_out(tmp_path):
+    """torch's FSDP1 cannot compute on a CPU; rather than run fsdp.yaml as DDP, the run stops and names fsdp2.yaml."""
+    proc = launch_two_processes("adamw", "fsdp.yaml", *STEPS, "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0
+    assert "adamw: error: FSDP1 (fsdp_version: 1) cannot compute on a CPU" in proc.stderr
+    assert "accelerate_configs/fsdp2.yaml" in proc.stderr and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_torchrun_starts_the_recipes_without_accelerate_launch(tmp_path, one_process_runs):
+    """`torchrun --nproc_per_node 2 recipes/<name>.py`: world size from torchrun's environment, DDP (over gloo here,
+    where a CPU-only machine needs ACCELERATE_USE_CPU=1; without it the run stops and says so)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "recipes" / "lomo.py"), *STEPS, "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    refused = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert "set ACCELERATE_USE_CPU=1 to train across CPU processes" in refused.stderr  # else 2 unconnected jobs
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert (resolved["num_processes"], resolved["distributed_type"]) == (2, "DistributedType.MULTI_CPU")
+    assert results(out)["replicas_identical"] is True
+    assert train_losses(out) == pytest.approx(train_losses(one_process_runs("lomo")), rel=TOLERANCE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_two_node_run(out, reference) -> None:
+    """World size 2 over two machine ranks, the same training as 1 process with the same global batch, one full
+    model saved (the nodes share output_dir here, as on a cluster's shared filesystem)."""
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert resolved["num_processes"] == 2
+    assert results(out)["replicas_identical"] is True
+    assert train_losses(out) == pytest.approx(train_losses(reference), rel=TOLERANCE)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    assert all((saved[k] - v).norm() <= 1e-4 * v.norm() for k, v in expected.items())
+
+
+NODE_FLAGS = [*STEPS, "--per_device_train_batch_size", "4"]
+
+
+@pytest.mark.parametrize("recipe, config", [("adamw", "multi_node.yaml"), ("adamw", "zero3.yaml"),
+                                            ("adalomo", "zero3.yaml")])
+def test_two_nodes_on_loopback(recipe, config, tmp_path, one_process_runs):
+    """Each node runs its own `accelerate launch` with its --machine_rank (one process per node here); ZeRO runs
+    need the config's `deepspeed_multinode_launcher: standard`, or accelerate hands the job to pdsh."""
+    out, port = tmp_path / "out", str(free_port())
+    env = offline_env(**({"ACCELERATE_USE_CPU": "1"} if launch_setup(config).kind == "ddp" else {}))
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", port, "--rdzv_backend", "static", str(REPO / "recipes" / f"{recipe}.py"),
+         *NODE_FLAGS, "--output_dir", str(out)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_two_node_run(out, one_process_runs(recipe))
+
+
+def test_two_nodes_through_the_slurm_script(tmp_path, one_process_runs):
+    """launch/slurm.sh as sbatch runs it, with stand-ins for srun (each node's command, at once, locally) and
+    scontrol; ZeRO-3 with AdaLomo, one process per node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nfor id in 0 1; do SLURM_NODEID=$id "$@" & done\n'
+                                  'status=0; for job in $(jobs -p); do wait $job || status=1; done; exit $status\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    out = tmp_path / "out"
+    env = offline_env(PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+                      SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="1", SLURM_JOB_NODELIST="node-[1-2]",
+                      MAIN_PROCESS_PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sh"), "accelerate_configs/zero3.yaml",
+                           "recipes/adalomo.py", *NODE_FLAGS, "--output_dir", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_two_node_run(out, one_process_runs("adalomo"))

@@ -42,7 +42,7 @@ def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fr
     config = parse_config(recipe_obj, ["--output_dir", str(tmp_path / "reeval")])
     accelerator = Accelerator(cpu=True)
     _, eval_loader, _, _ = build_dataloaders(config, load_raw_datasets(config), tokenizer, 64, accelerator)
-    assert evaluate(model, eval_loader, accelerator) == pytest.approx(reported, rel=1e-5)
+    assert evaluate(model, eval_loader, accelerator)["eval_loss"] == pytest.approx(reported, rel=1e-5)
 
 
 def test_default_run_needs_no_flags(tmp_path):

@@ -186,8 +186,26 @@ def test_auto_starts_fresh_without_a_checkpoint_and_resumes_the_newest_with_one(
 
 def test_save_total_limit_keeps_the_newest(tmp_path):
     out = tmp_path / "out"
-    launch("adamw", "--max_steps", "10", "--save_steps", "2", "--save_total_limit", "2", "--output_dir", str(out))
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
+    launch("adamw", "--max_steps", "9", "--save_steps", "2", "--save_total_limit", "2", "--output_dir", str(out))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-8", "checkpoint-9"]
+
+
+def test_a_finished_run_continues_to_more_steps_with_its_schedule_recomputed(tmp_path):
+    """--save_steps also checkpoints the last step, so a finished run can be continued to a larger --max_steps in
+    the same output_dir (its model is in that checkpoint, so nothing is lost). The linear schedule is recomputed for
+    the new total, the first continued step included: its lr is 1e-3 * (10 - 6) / 10, not the old schedule's 0."""
+    out = tmp_path / "out"
+    launch("adamw", "--max_steps", "6", "--save_steps", "4", "--logging_steps", "1", "--output_dir", str(out))
+    assert (out / "checkpoint-6").is_dir() and (out / "checkpoint-4").is_dir()
+    proc = launch("adamw", "--max_steps", "10", "--save_steps", "1", "--logging_steps", "1", "--output_dir", str(out),
+                  "--resume_from_checkpoint", "latest")
+    assert ("the checkpoint's run planned 6 steps, this one 10: the linear LR schedule is recomputed for 10 steps "
+            "(the lr at step 7 is 0.0004, was 0)") in proc.stdout
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
+    assert [lrs[s] for s in range(7, 11)] == pytest.approx([4e-4, 3e-4, 2e-4, 1e-4])
+    before, after = (load_file(out / f"checkpoint-{step}" / "model.safetensors") for step in (6, 7))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # step 7 trained at its new lr
+    assert results(out)["step"] == 10 and (out / "checkpoint-10").is_dir()
 
 
 @pytest.mark.parametrize("recipe, config", [("adamw", "multi_gpu.yaml"), ("lomo", "multi_gpu.yaml"),

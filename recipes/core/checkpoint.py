@@ -120,3 +120,30 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     accelerator.load_state(str(path))
     saved = json.loads((path / STATE_FILE).read_text())
     return TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+
+
+def continue_schedule(path: Path, scheduler, total_steps: int, schedule_type: str) -> str:
+    """Continuing a run to another total (e.g. a finished run to a larger --max_steps): the LR schedule is a function
+    of (step, total), so it is recomputed for the new total, the current step's lr included; what changed is said.
+
+    Returns the note for the start-up line ("" when the total is the one the checkpoint's run planned)."""
+    planned = json.loads((path / STATE_FILE).read_text())["settings"].get("total_steps")
+    if planned in (None, total_steps):
+        return ""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper steps this one
+    before = inner.get_last_lr()[0]
+    inner.last_epoch -= 1
+    inner.step()  # the lr of the current step, from the new total
+    return (f"; the checkpoint's run planned {planned} steps, this one {total_steps}: the {schedule_type} LR "
+            f"schedule is recomputed for {total_steps} steps (the lr at step {inner.last_epoch + 1} is "
+            f"{inner.get_last_lr()[0]:.4g}, was {before:.4g})")
+
+
+def final_model_is_checkpointed(output_dir: Path) -> bool:
+    """Whether the trained model in output_dir is also in one of its checkpoints (written at the run's last step), so a
+    run continued from a checkpoint there may replace it."""
+    try:
+        step = json.loads((output_dir / "results.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return (output_dir / f"checkpoint-{step}" / STATE_FILE).is_file()

@@ -13,7 +13,7 @@ from recipes.core.launch_setup import LaunchSetup
 from recipes.core.optimizer_recipe import OptimizerRecipe, all_recipes
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "accelerate_configs"
-DISTRIBUTED_CONFIGS = ("multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp.yaml")
+DISTRIBUTED_CONFIGS = ("multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp2.yaml")
 
 
 def refusal(recipe: OptimizerRecipe, config_file: str) -> str | None:
@@ -39,8 +39,10 @@ def markdown_table() -> str:
             if reason is None:
                 cells.append("works")
             else:
-                where = f"under {launch_setup(config_file).describe()}"
-                key = "<recipe>" + reason.removeprefix(recipe.name).replace(where, "under DeepSpeed ZeRO")
+                setup = launch_setup(config_file)
+                key = "<recipe>" + reason.removeprefix(recipe.name)
+                if setup.kind == "deepspeed":  # one note for the same reason under every ZeRO stage
+                    key = key.replace(f"under {setup.describe()}", "under DeepSpeed ZeRO")
                 number = reasons.setdefault(key, len(reasons) + 1)
                 cells.append(f"refused ({number})")
         rows.append(f"| `{recipe.name}` | " + " | ".join(cells) + " |")

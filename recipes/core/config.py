@@ -99,7 +99,8 @@ class TrainArguments:
     max_grad_norm: Optional[float] = field(
         default=None, metadata={"help": "Global gradient-norm clipping, 0 disables; default: the recipe's."})
     logging_steps: int = 10
-    save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every N steps; 0: never."})
+    save_steps: int = field(
+        default=500, metadata={"help": "Write a resumable checkpoint every N steps and at the last step; 0: never."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "A checkpoint-<step> folder, 'latest' (the newest in output_dir), or 'auto' "
@@ -131,6 +132,12 @@ class OptimizerArguments:
     grokadamw_alpha_init: float = 0.98
     grokadamw_lamb: float = 2.0
     grokadamw_gamma: float = 0.1
+    grokadamw_signal: str = field(
+        default="off", metadata={"help": "GrokAdamW's grokking signal: off (upstream's default: the EMA decay stays "
+                                          "at alpha_init) or eval_train_gap (relative gap of evaluation over training "
+                                          "loss, refreshed at each --eval_steps evaluation)."})
+    grokadamw_signal_decay_rate: float = field(
+        default=0.1, metadata={"help": "GrokAdamW: alpha = alpha_init * exp(-rate * signal)."})
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, OptimizerArguments)
@@ -273,10 +280,12 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if problem:
         raise ConfigError(problem)
     output_dir = Path(t.output_dir)
-    if not t.overwrite_output_dir and any((output_dir / f).exists() for f in MODEL_FILES):
+    from recipes.core.checkpoint import checkpoints_in, final_model_is_checkpointed, resolve_checkpoint
+
+    continuing = t.resume_from_checkpoint and final_model_is_checkpointed(output_dir)  # nothing trained is lost
+    if not (t.overwrite_output_dir or continuing) and any((output_dir / f).exists() for f in MODEL_FILES):
         raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir "
                           "or pass --overwrite_output_dir to replace it")
-    from recipes.core.checkpoint import checkpoints_in, resolve_checkpoint
 
     if not (t.resume_from_checkpoint or t.overwrite_output_dir) and checkpoints_in(output_dir):
         raise ConfigError(f"--output_dir {output_dir} holds checkpoints of an earlier run; resume it with "

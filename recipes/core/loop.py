@@ -26,13 +26,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from recipes.core import embedded
-from recipes.core.checkpoint import (TrainerState, checkpoints_in, load_checkpoint, resolve_checkpoint,
-                                     resume_settings, save_checkpoint)
-from recipes.core.config import Config, ConfigError, parse_config
+from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, refuse_unconnected_processes
 from recipes.core.chat_masks import IGNORE_INDEX, use_chat_template_file
+from recipes.core.checkpoint import (
+    TrainerState,
+    checkpoints_in,
+    continue_schedule,
+    load_checkpoint,
+    resolve_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.data import build_datasets, load_raw_datasets
 from recipes.core.memory import CudaMemoryHistory, StepMemoryProfile, parse_step_window
-from recipes.core.metrics import TrainingMetrics
+from recipes.core.metrics import TrainingMetrics, predicted_tokens
 from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
@@ -86,6 +94,8 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step, on every rank
         kwargs_handlers=handlers,
     )
+    keep_fsdp_on_cpu(accelerator)
+    refuse_unconnected_processes(accelerator)
     if accelerator.state.deepspeed_plugin is not None:
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
         deepspeed_config["gradient_clipping"] = t.max_grad_norm  # DeepSpeed clips inside its step
@@ -139,6 +149,12 @@ def build_dataloaders(config: Config, raw, tokenizer, block_size: int, accelerat
     t = config.train
     with accelerator.main_process_first():
         rows, summary = build_datasets(raw, tokenizer, config, block_size)
+    step_rows = t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    if len(rows["train"]) < step_rows:  # else every epoch would end before its first step, and the run never would
+        raise ConfigError(f"the training data makes {len(rows['train']):,} rows, fewer than one optimizer step takes "
+                          f"({t.per_device_train_batch_size} per process x {accelerator.num_processes} process(es) x "
+                          f"{t.gradient_accumulation_steps} accumulated = {step_rows:,}); lower "
+                          "--per_device_train_batch_size or add data")
     pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     collate = PaddingCollator(pad_token_id)
     shuffle = torch.Generator().manual_seed(t.seed)
@@ -156,21 +172,25 @@ def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, eval_loader, accelerator: Accelerator) -> float:
-    """Mean next-token loss over every trained validation token (the tokens training puts the loss on, each row
-    counted once across processes)."""
+def evaluate(model, eval_loader, accelerator: Accelerator) -> dict:
+    """Mean next-token loss and next-token accuracy over every trained validation token (the tokens training puts
+    the loss on, each row counted once across processes)."""
     model.eval()
-    loss_sums, token_counts = [], []
+    loss_sums, correct_counts, token_counts = [], [], []
     for batch in eval_loader:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_counts")}
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
+        trained = targets != IGNORE_INDEX
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="none").view(targets.shape)
         loss_sums.append(accelerator.gather_for_metrics(loss.sum(dim=1).double()))
-        token_counts.append(accelerator.gather_for_metrics((targets != IGNORE_INDEX).sum(dim=1)))
+        correct_counts.append(accelerator.gather_for_metrics(((logits.argmax(-1) == targets) & trained).sum(dim=1)))
+        token_counts.append(accelerator.gather_for_metrics(trained.sum(dim=1)))
     model.train()
-    return (torch.cat(loss_sums).sum() / torch.cat(token_counts).sum()).item()
+    tokens = torch.cat(token_counts).sum()
+    return {"eval_loss": (torch.cat(loss_sums).sum() / tokens).item(),
+            "eval_token_accuracy": (torch.cat(correct_counts).sum() / tokens).item()}
 
 
 def save_model(accelerator: Accelerator, model, state_dict: dict, tokenizer, output_dir: Path) -> None:
@@ -234,7 +254,9 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     model, optimizer, train_loader, eval_loader, scheduler = recipe.prepare(
         accelerator, model, optimizer, train_loader, eval_loader, scheduler)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
-    settings = resume_settings(config, block_size=block_size, num_processes=accelerator.num_processes)
+    settings = resume_settings(config, block_size=block_size, num_processes=accelerator.num_processes,
+                               total_steps=total_steps)
+    schedule_note = continue_schedule(resume_from, scheduler, total_steps, t.lr_scheduler_type) if resume_from else ""
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +274,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es) "
                       f"({accelerator.distributed_type}), {parameter_count(model):,} parameters"
                       + (f", resuming at step {state.step} from {resume_from}" if resume_from else "")
+                      + schedule_note
                       + f"; {mfu_note(accelerator.device)}"
                       + "".join(f"\n--{flag} {why}" for flag, why in config.defaults_used.items())
                       + f"\n{data_summary.describe()}")
@@ -278,6 +301,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     started = time.perf_counter()
     step_loss = torch.zeros((), device=accelerator.device)
     step_tokens = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (input, trained), this process
+    step_predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: every loss finite so far
     with memory_history.dump_on_out_of_memory():  # a CUDA OOM leaves a snapshot behind
         while state.step < total_steps:
@@ -288,7 +312,10 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
                 step_tokens += batch.pop("token_counts")  # not a model input
                 with (recipe.micro_step_context(accelerator, model),  # sets sync_gradients for the next line
                       memory_profile.measure(state.step + 1, accelerator.sync_gradients)):
-                    loss = model(**batch, use_cache=False).loss  # no cache: packed examples stay apart
+                    outputs = model(**batch, use_cache=False)  # no cache: packed examples stay apart
+                    loss = outputs.loss
+                    step_predictions += predicted_tokens(outputs.logits, batch["labels"])
+                    del outputs  # the logits are not kept through backward
                     recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
                     grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm)  # None: not measured
                 step_loss += loss.detach() / t.gradient_accumulation_steps
@@ -300,17 +327,21 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
                 state.step += 1
                 memory_history.after_step(state.step)
                 first_bad_step = torch.where((first_bad_step == 0) & ~step_loss.isfinite(), state.step, first_bad_step)
-                metrics.add_step(step_loss, step_tokens)
+                metrics.add_step(step_loss, step_tokens, step_predictions)
                 step_loss, step_tokens = torch.zeros_like(step_loss), torch.zeros_like(step_tokens)
+                step_predictions = torch.zeros_like(step_predictions)
                 if state.step % t.logging_steps == 0 or state.step == total_steps:
                     stop_if_nonfinite(accelerator, None, first_bad_step, output_dir)
                     metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
                 if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total_steps:
                     recipe.eval_mode(optimizer)
-                    metrics.write({"step": state.step, "eval_loss": evaluate(model, eval_loader, accelerator)})
+                    record = {"step": state.step, **evaluate(model, eval_loader, accelerator)}
                     recipe.train_mode(optimizer)
-                if t.save_steps and state.step % t.save_steps == 0 and state.step < total_steps:
-                    checkpoint()
+                    record.update(recipe.after_evaluation(optimizer, config, metrics.train_loss_since_evaluation(),
+                                                          record["eval_loss"]))
+                    metrics.write(record)
+                if t.save_steps and (state.step % t.save_steps == 0 or state.step == total_steps):
+                    checkpoint()  # the last step too: a finished run can be continued to a larger --max_steps
                 if preemption.requested():
                     path = checkpoint()
                     accelerator.print(f"{recipe.name}: {preemption.signal_name or 'a signal'} received: saved {path} "
@@ -327,14 +358,15 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     # --- evaluate and save the weights to keep (for schedule-free: x, in eval mode)
     stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
     recipe.eval_mode(optimizer)
-    eval_loss = evaluate(model, eval_loader, accelerator)
+    evaluation = evaluate(model, eval_loader, accelerator)
+    eval_loss = evaluation["eval_loss"]
     identical = replicas_identical(accelerator, model)
     if not identical:
         accelerator.print(f"{recipe.name}: WARNING: the processes hold different weights at the end of training")
     save_model(accelerator, model, recipe.full_state_dict(accelerator, model), tokenizer, output_dir)
     recipe.train_mode(optimizer)
     state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
-    results = {"step": state.step, "eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700)),
+    results = {"step": state.step, **evaluation, "perplexity": math.exp(min(eval_loss, 700)),
                "train_runtime_s": time.perf_counter() - started, "tokens_seen": state.tokens_seen,
                "trained_tokens_seen": state.trained_tokens_seen, "mfu": metrics.median_mfu(),
                "num_processes": accelerator.num_processes, "replicas_identical": identical}

@@ -14,9 +14,20 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from recipes.core.chat_masks import IGNORE_INDEX
 from recipes.core.memory import PeakMemoryMeter
 
 BAR_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "peak_allocated_gib", "peak_rss_gib")
+
+
+@torch.no_grad()
+def predicted_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(correctly predicted, trained) next tokens of a batch: argmax of each position's logits against its label,
+    over the positions the loss is on. Computed before backward, so the logits need not outlive the forward."""
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    correct = (logits[:, :-1].argmax(dim=-1) == targets) & trained
+    return torch.stack([correct.sum(), trained.sum()])
 
 
 class TrainingMetrics:
@@ -32,6 +43,8 @@ class TrainingMetrics:
         self.jsonl = open(output_dir / "metrics.jsonl", "a" if first_step else "w") if self.is_main else None
         self.total_steps = total_steps
         self._loss_sum = torch.zeros((), device=accelerator.device)
+        self._predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
+        self._loss_since_evaluation = torch.zeros(2, device=accelerator.device)  # (loss sum, steps)
         self._pending_tokens = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # not yet reduced
         self.tokens_seen, self.trained_tokens_seen = tokens_seen
         self._steps = 0
@@ -42,11 +55,16 @@ class TrainingMetrics:
         self.mfu_values: list[float] = []
         self.memory = PeakMemoryMeter(accelerator.device)
 
-    def add_step(self, loss_sum: torch.Tensor, token_counts: torch.Tensor) -> None:
-        """One optimizer step: its loss (mean over micro-batches, this process) and this process's (input, trained)
-        token counts, summed over its micro-batches; both stay on the device until the next log point."""
+    def add_step(self, loss_sum: torch.Tensor, token_counts: torch.Tensor,
+                 predictions: torch.Tensor | None = None) -> None:
+        """One optimizer step: its loss (mean over micro-batches, this process), this process's (input, trained)
+        token counts and (correct, trained) next-token predictions, summed over its micro-batches; all stay on the
+        device until the next log point."""
         self._loss_sum += loss_sum
+        self._loss_since_evaluation += torch.stack([loss_sum.detach(), torch.ones_like(loss_sum)])
         self._pending_tokens += token_counts
+        if predictions is not None:
+            self._predictions += predictions
         self._steps += 1
         self.bar.update(1)
 
@@ -66,6 +84,10 @@ class TrainingMetrics:
         elapsed = time.perf_counter() - self._started
         rate = [n / elapsed if elapsed > 0 else 0.0 for n in self._interval_tokens]
         record = {"step": step, "loss": loss, "tokens_per_s": rate[0], "trained_tokens_per_s": rate[1]}
+        correct, trained = self.accelerator.reduce(self._predictions.clone(), reduction="sum").tolist()
+        if trained:
+            record["token_accuracy"] = correct / trained  # of the training batches since the last log point
+        self._predictions.zero_()
         if self._mfu_per_token_per_s is not None:
             record["mfu"] = rate[0] * self._mfu_per_token_per_s
             self.mfu_values.append(record["mfu"])
@@ -77,6 +99,13 @@ class TrainingMetrics:
         eta = (time.perf_counter() - self._run_started) / done * (self.total_steps - step) if done > 0 else None
         self.write(record, suffix=f" eta={_duration(eta)}" if eta is not None else "")
         return record
+
+    def train_loss_since_evaluation(self) -> float:
+        """Mean training loss of all processes since the previous call (the previous evaluation). Call on every
+        rank."""
+        total, steps = self.accelerator.reduce(self._loss_since_evaluation.clone(), reduction="mean").tolist()
+        self._loss_since_evaluation.zero_()
+        return total / max(steps, 1)
 
     def median_mfu(self) -> float | None:
         """Median over log points, the first (warm-up) left out when there are others."""

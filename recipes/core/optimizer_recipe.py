@@ -132,6 +132,11 @@ class OptimizerRecipe:
         optimizer.zero_grad(set_to_none=True)
         return None if grad_norm is None else float(grad_norm)
 
+    def after_evaluation(self, optimizer, config: Config, train_loss: float, eval_loss: float) -> dict:
+        """Called on every rank after each evaluation during training, with the mean training loss since the previous
+        one (both alike on every rank); returns numbers to log beside eval_loss."""
+        return {}
+
     def train_mode(self, optimizer) -> None:
         """Called before training steps."""
 
@@ -139,12 +144,13 @@ class OptimizerRecipe:
         """Called before evaluating or saving: the weights must be the ones to evaluate and keep."""
 
 
-def refuse_flattened_partitions(recipe: OptimizerRecipe, config: Config, per_tensor_math: str) -> Optional[str]:
+def refuse_flattened_partitions(recipe: OptimizerRecipe, config: Config, per_tensor_math: str,
+                                instead: str = "multi_gpu.yaml or fsdp2.yaml") -> Optional[str]:
     """For optimizers whose math is per tensor: DeepSpeed hands them one flat partition per parameter group."""
     if config.launch.kind == "deepspeed":
         return (f"{recipe.name} under {config.launch.describe()} would silently change its math: DeepSpeed hands "
                 f"the optimizer one flat 1-D partition per parameter group, and {per_tensor_math}; use "
-                "accelerate_configs/multi_gpu.yaml or fsdp.yaml")
+                f"accelerate_configs/{instead}")
     return None
 
 
@@ -193,8 +199,8 @@ class FusedBackwardRecipe(OptimizerRecipe):
         if launch.kind == "deepspeed" and launch.zero_stage != 3:
             return (f"{self.name} under {launch.describe()} is not supported: ZeRO-1/2 reduce and partition "
                     "gradients in DeepSpeed's own hooks and step, and a fused update consumes each gradient inside "
-                    "backward; use accelerate_configs/zero3.yaml (partitioned parameters, LOMO's own setting), "
-                    "multi_gpu.yaml or fsdp.yaml")
+                    "backward; use accelerate_configs/zero3.yaml (partitioned parameters, LOMO's own setting) or "
+                    "multi_gpu.yaml")
         if launch.kind == "deepspeed" and launch.offload_param:
             return (f"{self.name} with ZeRO-3 parameter offload (offload_param_device) is not supported: "
                     "lomo-optim updates each partition on its gradient's device; it keeps no optimizer state to "
@@ -202,7 +208,12 @@ class FusedBackwardRecipe(OptimizerRecipe):
         if launch.kind == "deepspeed" and config.train.max_grad_norm > 0:
             return (f"{self.name} cannot clip by global norm (--max_grad_norm {config.train.max_grad_norm}) under "
                     f"{launch.describe()}: its norm pass frees each layer's gathered parameters, which the update "
-                    "pass needs again; use --max_grad_norm 0 with --clip_grad_value, or multi_gpu.yaml / fsdp.yaml")
+                    "pass needs again; use --max_grad_norm 0 with --clip_grad_value, or multi_gpu.yaml")
+        if launch.kind == "fsdp":
+            return (f"{self.name} under FSDP is not supported: FSDP replaces each parameter with its shard when it "
+                    "wraps the model and reduce-scatters gradients in its own post-backward hooks, so the fused "
+                    "update's per-parameter gradient hooks never run (the weights would not change); use "
+                    "accelerate_configs/zero3.yaml (partitioned parameters, LOMO's own setting) or multi_gpu.yaml")
         if launch.mixed_precision == "fp16":
             return (f"{self.name} cannot run with fp16 mixed precision: accelerate's GradScaler backward does not "
                     "pass the learning rate to the fused update; use bf16 (--bf16 true) or no mixed precision")

@@ -1,7 +1,8 @@
 """Do all processes hold the same model? A cheap end-of-run check, recorded in results.json.
 
-Each rank fingerprints every full parameter (float64 sum and sum of squares; ZeRO-3 partitions are gathered one
-parameter at a time), the fingerprints are all-gathered, and the replicas agree only if they are bit-identical.
+Each rank fingerprints every full parameter (float64 sum and sum of squares; ZeRO-3 partitions and FSDP shards are
+gathered one parameter at a time), the fingerprints are all-gathered, and the replicas agree only if they are
+bit-identical.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _full_parameter(accelerator: Accelerator, param: torch.nn.Parameter):
 
 
 def _full_model(accelerator: Accelerator, model):
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return FullyShardedDataParallel.summon_full_params(model, writeback=False)
@@ -37,6 +38,8 @@ def replicas_identical(accelerator: Accelerator, model) -> bool:
     with _full_model(accelerator, model):
         for param in model.parameters():
             with _full_parameter(accelerator, param):
+                if hasattr(param, "full_tensor"):  # an FSDP2 DTensor shard: gathered one parameter at a time
+                    param = param.full_tensor()
                 value = param.detach().double()
                 rows.append(torch.stack([value.sum(), value.pow(2).sum()]))
     fingerprints = accelerator.gather(torch.stack(rows)[None])
