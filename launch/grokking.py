@@ -67,8 +67,8 @@ def write_data(folder: Path, p: int, operation: str, train_fraction: float, seed
     for split, chunk in (("train", pairs[:cut]), ("validation", pairs[cut:])):
         with open(folder / f"{split}.jsonl", "w") as f:
             for a, b in chunk:
-                f.write(json.dumps({"prompt": f"{a} {operation} {b} =", "completion": str(OPERATIONS[operation](a, b, p))})
-                        + "\n")
+                answer = OPERATIONS[operation](a, b, p)
+                f.write(json.dumps({"prompt": f"{a} {operation} {b} =", "completion": str(answer)}) + "\n")
     return cut, len(pairs) - cut
 
 
@@ -213,11 +213,11 @@ def parse_args(argv=None):
     parser.add_argument("--train_fraction", type=float, default=0.3)
     parser.add_argument("--weight_decays", type=float, nargs="+", default=[1.0, 0.005])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int, default=1500)
+    parser.add_argument("--max_steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--logging_steps", type=int, default=5)
-    parser.add_argument("--eval_steps", type=int, default=25)
+    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--eval_steps", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--data_seed", type=int, default=0, help="the train/validation split")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once, one thread each")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "accelerate_configs"
@@ -22,10 +26,20 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(recipe: str, *args: str, config: str = "cpu.yaml", env: dict | None = None, check: bool = True,
            timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a recipe exactly as the README says; with check=True, fail the test with the run's output on error."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+    """Run a recipe exactly as the README says; with check=True, fail the test with the run's output on error.
+
+    A multi-process config gets a free --main_process_port, so tests running at once (pytest -n) do not meet."""
+    config_file = CONFIGS / config
+    port = ["--main_process_port", str(free_port())] if "num_processes: 1" not in config_file.read_text() else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *port,
            str(REPO / "recipes" / f"{recipe}.py"), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=offline_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
@@ -62,12 +76,44 @@ def fresh_accelerate_state():
     reset_accelerate_state()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def deepspeed_cpu_ops_built():
+def session_dir(tmp_path_factory) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees (each worker has its own basetemp)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_output(tmp_path_factory, name: str, produce: Callable[[Path], object]) -> Path:
+    """`produce(folder)` once per test session, even with several workers (each runs module fixtures itself)."""
+    out = session_dir(tmp_path_factory) / f"shared-{name}"
+    with FileLock(f"{out}.lock"):
+        if not (out / ".complete").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            produce(out)
+            (out / ".complete").touch()
+    return out
+
+
+def smoke(values: list, *chosen) -> list:
+    """Parametrize values with the chosen ones in the quick tier (`pytest -m smoke`)."""
+    return [pytest.param(*v if isinstance(v, tuple) else (v,), marks=pytest.mark.smoke) if v in chosen else v
+            for v in values]
+
+
+@pytest.fixture(autouse=True)
+def deepspeed_ready(request):
+    """Every test of the full suite may launch DeepSpeed; the quick tier launches none, so it skips the build."""
+    if request.node.get_closest_marker("smoke") is None:
+        request.getfixturevalue("deepspeed_cpu_ops_built")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu_ops_built(tmp_path_factory):
     """DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam) on first use (minutes, cold). Build them
     once here, before any test launches processes that would race to build them; cached, this takes seconds."""
     code = ("from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder, CPUAdamBuilder\n"
             "ShareMemCommBuilder().load(); CPUAdamBuilder().load()")
-    proc = subprocess.run([sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True,
-                          timeout=900)
+    with FileLock(f"{session_dir(tmp_path_factory) / 'deepspeed-ops'}.lock"):  # one worker builds, the others wait
+        proc = subprocess.run([sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True,
+                              timeout=900)
     assert proc.returncode == 0, f"building DeepSpeed's CPU ops failed:\n{proc.stderr[-3000:]}"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recipes.core.config import MODEL_FILES
-from tests.conftest import launch
+from tests.conftest import launch, smoke
 
 CASES = {
     "unknown flag": ("adamw", ["--learnig_rate", "1e-3"], "unknown flag or value '--learnig_rate'; did you mean --learning_rate?"),
@@ -44,7 +44,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", smoke(list(CASES), "unknown flag"))
 def test_bad_input_fails_with_one_clear_line_and_writes_no_model(case, tmp_path):
     recipe, args, expected = CASES[case]
     out = tmp_path / "out"

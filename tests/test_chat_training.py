@@ -63,7 +63,8 @@ def test_instruction_data_trains_end_to_end_and_the_model_reloads(data, recipe, 
                                              "--output_dir", str(tmp_path / "reeval")])
     _, eval_loader, _, _ = build_dataloaders(config_, load_raw_datasets(config_), tokenizer, resolved["block_size"],
                                              Accelerator(cpu=True))
-    assert evaluate(model, eval_loader, Accelerator(cpu=True))["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    evaluation = evaluate(model, eval_loader, Accelerator(cpu=True))
+    assert evaluation["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
 
 
 def test_padding_instead_of_packing_trains_the_same_examples(data_files, tmp_path):

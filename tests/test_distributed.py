@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, train_losses
+from tests.conftest import (CONFIGS, REPO, free_port, launch, offline_env, read_metrics, results, shared_output,
+                            smoke, train_losses)
 
 RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
@@ -44,19 +44,15 @@ def launch_two_processes(recipe: str, config: str, *args: str, check: bool = Tru
 
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory):
-    done = {}
-
+    """The 1-process reference run of a recipe (global batch 8), launched once per test session."""
     def run(recipe: str):
-        if recipe not in done:
-            out = tmp_path_factory.mktemp(f"one-{recipe}")
-            launch(recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out))
-            done[recipe] = out
-        return done[recipe]
+        return shared_output(tmp_path_factory, f"one-process-{recipe}", lambda out: launch(
+            recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out)))
 
     return run
 
 
-@pytest.mark.parametrize("recipe, config", WORKING)
+@pytest.mark.parametrize("recipe, config", smoke(WORKING, ("lomo", "multi_gpu.yaml")))
 def test_working_cell(recipe, config, tmp_path, one_process_runs):
     out = tmp_path / "out"
     launch_two_processes(recipe, config, *STEPS, "--per_device_train_batch_size", "4", "--output_dir", str(out))
@@ -181,12 +177,6 @@ def test_torchrun_starts_the_recipes_without_accelerate_launch(tmp_path, one_pro
     assert (resolved["num_processes"], resolved["distributed_type"]) == (2, "DistributedType.MULTI_CPU")
     assert results(out)["replicas_identical"] is True
     assert train_losses(out) == pytest.approx(train_losses(one_process_runs("lomo")), rel=TOLERANCE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_two_node_run(out, reference) -> None:

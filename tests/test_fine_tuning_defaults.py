@@ -7,7 +7,7 @@ import yaml
 
 from recipes.core.config import parse_config
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import launch, results, train_losses
+from tests.conftest import launch, results, shared_output, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}
 
@@ -29,9 +29,8 @@ def test_learning_rate_default_depends_on_whether_the_model_is_pretrained(name, 
 @pytest.fixture(scope="module")
 def pretrained_folder(tmp_path_factory):
     """A local model folder as from_pretrained reads it: the embedded model after some training."""
-    out = tmp_path_factory.mktemp("pretrained")
-    launch("adamw", "--max_steps", "60", "--logging_steps", "20", "--output_dir", str(out), "--overwrite_output_dir")
-    return out
+    return shared_output(tmp_path_factory, "pretrained", lambda out: launch(
+        "adamw", "--max_steps", "60", "--logging_steps", "20", "--output_dir", str(out), "--overwrite_output_dir"))
 
 
 @pytest.mark.parametrize("name", ["lomo", "adalomo"])

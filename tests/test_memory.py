@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from recipes.core.embedded import write_scaled_model
 from recipes.core.optimizer_recipe import RECIPE_NAMES
-from tests.conftest import REPO, launch, offline_env, read_metrics
+from tests.conftest import REPO, launch, offline_env, read_metrics, shared_output
 
 # A second size where hidden >= 256, so factored moments are small next to the matrices they describe.
 MEDIUM = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -30,16 +30,18 @@ def memory_report(out, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def medium_model(tmp_path_factory):
-    return write_scaled_model(tmp_path_factory.mktemp("medium") / "model", **MEDIUM)
+    made = shared_output(tmp_path_factory, "medium-model", lambda out: write_scaled_model(out / "model", **MEDIUM))
+    return made / "model"
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory, medium_model):
-    tiny = tmp_path_factory.mktemp("report-tiny")
-    medium = tmp_path_factory.mktemp("report-medium")
-    return {"tiny": (tiny, memory_report(tiny)),
-            "medium": (medium, memory_report(medium, "--model_name_or_path", str(medium_model),
-                                             "--per_device_train_batch_size", "2"))}
+    """Both reports, measured once per test session (their runs are the slowest part of the suite)."""
+    tiny = shared_output(tmp_path_factory, "report-tiny", memory_report)
+    medium = shared_output(tmp_path_factory, "report-medium", lambda out: memory_report(
+        out, "--model_name_or_path", str(medium_model), "--per_device_train_batch_size", "2"))
+    return {name: (out, json.loads((out / "report.json").read_text())) for name, out in
+            (("tiny", tiny), ("medium", medium))}
 
 
 def test_measured_breakdown_shows_what_lomo_and_adalomo_save(reports, medium_model):

@@ -17,12 +17,12 @@ from recipes.core.data import load_raw_datasets
 from recipes.core.loop import build_dataloaders, evaluate
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
 from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, reset_accelerate_state, results,
-                            train_losses)
+                            smoke, train_losses)
 
 STEPS = 40
 
 
-@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+@pytest.mark.parametrize("recipe", smoke(RECIPE_NAMES, "adamw", "lomo", "schedule_free_adamw"))  # one per family
 def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fresh_accelerate_state):
     out = tmp_path / recipe
     launch(recipe, "--max_steps", str(STEPS), "--logging_steps", "1", "--output_dir", str(out))

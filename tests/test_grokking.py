@@ -1,0 +1,105 @@
+"""GrokAdamW's grokking signal reaches the optimizer and survives resume; launch/grokking.py writes its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import REPO, launch, offline_env, read_metrics, results
+
+spec = importlib.util.spec_from_file_location("grokking", REPO / "launch" / "grokking.py")
+grokking = sys.modules["grokking"] = importlib.util.module_from_spec(spec)  # launch/ is scripts, not a package
+spec.loader.exec_module(grokking)
+
+P = 23
+RUN = ["--dataset_format", "prompt_completion", "--packing", "false", "--block_size", "8",
+       "--per_device_train_batch_size", "32", "--max_steps", "40", "--logging_steps", "1", "--eval_steps", "10",
+       "--learning_rate", "3e-3", "--weight_decay", "1.0", "--save_steps", "20"]
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory):
+    """a + b mod 23, half the pairs for training, and a fresh 1-layer Llama with a word-level tokenizer."""
+    folder = tmp_path_factory.mktemp("arithmetic")
+    grokking.write_data(folder / "data", P, "+", 0.5, seed=0)
+    grokking.write_model(folder / "model", P, "+", seed=0)
+    return ["--model_name_or_path", str(folder / "model"), "--dataset_name", str(folder / "data")]
+
+
+def evaluations(out):
+    return [r for r in read_metrics(out) if "grokking_signal" in r]
+
+
+def test_the_grokking_signal_moves_alpha_and_a_resumed_run_keeps_it(arithmetic, tmp_path):
+    signal_on = ["--grokadamw_signal", "eval_train_gap"]
+    straight, resumed, off = tmp_path / "straight", tmp_path / "resumed", tmp_path / "off"
+    launch("grokadamw", *arithmetic, *RUN, *signal_on, "--output_dir", str(straight))
+
+    # signal = max(0, eval - train) / max(eval, train), train = mean training loss since the previous evaluation
+    records = read_metrics(straight)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    evals = evaluations(straight)
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    for previous, e in zip([0, 10, 20], evals):
+        train = sum(losses[s] for s in range(previous + 1, e["step"] + 1)) / (e["step"] - previous)
+        gap = max(0.0, e["eval_loss"] - train) / max(e["eval_loss"], train)
+        assert e["grokking_signal"] == pytest.approx(gap, rel=1e-5)
+        assert e["grokadamw_alpha"] == pytest.approx(0.98 * math.exp(-0.1 * e["grokking_signal"]), rel=1e-12)
+    alphas = [e["grokadamw_alpha"] for e in evals]
+    assert len(set(alphas)) == 3 and min(alphas) < 0.98  # it moves with the gap
+
+    # Resumed at step 20, the run goes on with the alpha of step 20's evaluation: the same steps, the same weights
+    launch("grokadamw", *arithmetic, *RUN, *signal_on, "--output_dir", str(resumed), "--resume_from_checkpoint",
+           str(straight / "checkpoint-20"))
+    assert evaluations(resumed) == evals[2:]
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # ... and the signal reaches the update: without it the same run ends elsewhere
+    launch("grokadamw", *arithmetic, *RUN, "--output_dir", str(off))
+    assert evaluations(off) == []
+    c = load_file(off / "model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_eval_token_accuracy_is_the_share_of_answers_the_model_gets_right(arithmetic, tmp_path):
+    """Checked against the saved model, answer by answer: argmax at the '=' position against the answer token."""
+    out = tmp_path / "out"
+    launch("adamw", *arithmetic, *RUN, "--output_dir", str(out))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    data = arithmetic[arithmetic.index("--dataset_name") + 1]
+    rows = [json.loads(line) for line in open(f"{data}/validation.jsonl")]
+    prompts = torch.tensor([tokenizer(r["prompt"])["input_ids"] for r in rows])
+    answers = torch.tensor([tokenizer(r["completion"])["input_ids"][0] for r in rows])
+    with torch.no_grad():
+        predicted = model(prompts).logits[:, -1].argmax(-1)
+    by_hand = (predicted == answers).float().mean().item()
+    assert 0 < by_hand and results(out)["eval_token_accuracy"] == pytest.approx(by_hand, abs=1e-6)
+    train = [r["token_accuracy"] for r in read_metrics(out) if "token_accuracy" in r]
+    assert len(train) == 40 and train[-1] > train[0]
+
+
+def test_quick_comparison_writes_the_report_the_json_and_the_plot(tmp_path):
+    out = tmp_path / "grokking"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "grokking.py"), "--output_dir", str(out), "--quick"],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ") and "optimizer" not in line]
+    names = ["adamw (weight decay 1)", "grokadamw (weight decay 1)", "grokadamw (weight decay 1, signal on)"]
+    assert [row.split(" | ")[0].strip("| ") for row in table] == names
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert list(summary) == names
+    for numbers in summary.values():
+        assert all(v is None or isinstance(v, int) for v in numbers["steps_to_train_target"])
+    assert summary["adamw (weight decay 1)"]["steps_to_train_target"][0] is not None  # half the pairs: it fits them
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.endswith(report)
