@@ -5,10 +5,12 @@
 #       --model_name_or_path <model> --dataset_name <data> --output_dir runs/adalomo-2x8 --save_steps 200 \
 #       --resume_from_checkpoint auto
 #
-# The config file's distributed_type/DeepSpeed/FSDP settings apply; machine count, process count, rank and address
-# come from SLURM. Preemption: SLURM's SIGTERM (or SIGUSR1, with --signal=USR1@120) makes the run checkpoint and exit
-# 0. Put --resume_from_checkpoint auto in the command and the same command serves the first run (starts fresh) and
-# every requeue or resubmission (resumes from the newest checkpoint).
+# The config file's distributed_type/DeepSpeed/FSDP settings apply (any file in accelerate_configs/); machine count,
+# process count, rank and address come from SLURM. --output_dir must be on a filesystem every node sees: each
+# process writes its part of every checkpoint there. Preemption: SLURM's SIGTERM (or SIGUSR1, with
+# --signal=USR1@120) makes the run checkpoint and exit 0. Put --resume_from_checkpoint auto in the command and the
+# same command serves the first run (starts fresh) and every requeue or resubmission (resumes from the newest
+# checkpoint).
 #SBATCH --job-name=optimizer-recipes
 #SBATCH --ntasks-per-node=1
 #SBATCH --signal=USR1@120

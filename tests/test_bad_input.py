@@ -7,6 +7,8 @@ import json
 import pytest
 
 from recipes.core.config import MODEL_FILES
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import all_recipes
 from tests.conftest import launch, smoke
 
 CASES = {
@@ -44,12 +46,21 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", smoke(list(CASES), "unknown flag"))
+# Launched as users launch them (the launcher's exit report included); the other cases stop inside the recipe's
+# own start-up checks, so they run in-process through the same `main` (a launch costs ~15 s of imports here).
+LAUNCHED = ("unknown flag", "batch larger than the data")
+RECIPES = {r.name: r for r in all_recipes()}
+
+
+def steps_unless_given(args: list[str]) -> list[str]:
+    return [] if "--max_steps" in args else ["--max_steps", "3"]
+
+
+@pytest.mark.parametrize("case", smoke(list(LAUNCHED), "unknown flag"))
 def test_bad_input_fails_with_one_clear_line_and_writes_no_model(case, tmp_path):
     recipe, args, expected = CASES[case]
     out = tmp_path / "out"
-    steps = [] if "--max_steps" in args else ["--max_steps", "3"]
-    proc = launch(recipe, *args, *steps, "--output_dir", str(out), check=False)
+    proc = launch(recipe, *args, *steps_unless_given(args), "--output_dir", str(out), check=False)
     assert proc.returncode != 0
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{recipe}: error:")]
     assert len(error_lines) == 1, proc.stderr[-3000:]
@@ -59,6 +70,21 @@ def test_bad_input_fails_with_one_clear_line_and_writes_no_model(case, tmp_path)
     assert "Traceback" not in after or "CalledProcessError" in after
     assert "parameters" not in proc.stdout  # the model was never loaded
     assert not any((out / f).exists() for f in MODEL_FILES)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case not in LAUNCHED])
+def test_bad_input_stops_at_start_up_with_one_clear_line(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe, args, expected = CASES[case]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        main(RECIPES[recipe], [*args, *steps_unless_given(args), "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2
+    error_lines = [line for line in captured.err.splitlines() if line.startswith(f"{recipe}: error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], captured.err[-3000:]
+    assert "Traceback" not in captured.err and "parameters" not in captured.out  # the model was never loaded
+    assert not out.exists()  # nothing written
 
 
 def test_missing_text_column_fails_before_the_model_loads(tmp_path):
@@ -83,7 +109,7 @@ def test_existing_model_is_never_overwritten_silently(tmp_path):
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def test_model_folder_without_config_and_unknown_data_configuration(tmp_path):
+def test_model_folder_without_config_and_unknown_data_configuration(tmp_path, capsys):
     not_a_model = tmp_path / "weights_only"
     not_a_model.mkdir()
     (not_a_model / "model.safetensors").write_bytes(b"")
@@ -96,7 +122,8 @@ def test_model_folder_without_config_and_unknown_data_configuration(tmp_path):
             (["--dataset_name", str(data), "--dataset_config_name", "nope"],
              f"--dataset_config_name nope: --dataset_name {data} has no such configuration")):
         out = tmp_path / "out"
-        proc = launch("adamw", *args, "--output_dir", str(out), check=False)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("adamw: error:")]
-        assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+        with pytest.raises(SystemExit) as stopped:
+            main(RECIPES["adamw"], [*args, "--output_dir", str(out)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adamw: error:")]
+        assert stopped.value.code == 2 and len(errors) == 1 and expected in errors[0]
         assert not out.exists()  # nothing written

@@ -27,6 +27,9 @@ RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
 WORKING = [cell for cell in CELLS if refusal(RECIPES[cell[0]], cell[1]) is None]
 REFUSED = [cell for cell in CELLS if cell not in WORKING]
+# one launched refusal per config file that refuses anything, of different recipes and reasons
+REFUSED_LAUNCHED = [("lomo", "zero2.yaml"), ("adafactor", "zero3.yaml"), ("adalomo", "zero3_offload.yaml"),
+                    ("lomo", "fsdp2.yaml")]
 STEPS = ["--max_steps", "8", "--logging_steps", "1"]
 # Same global batch: 2 processes x 4 sequences vs 1 process x 8. Summing 8 per-sequence losses in another order
 # (two means of 4, then their mean) changes float rounding at ~1e-7 per step; over 8 steps we allow 1e-5.
@@ -62,6 +65,7 @@ def test_working_cell(recipe, config, tmp_path, one_process_runs):
     assert resolved["num_processes"] == 2, resolved["distributed_type"]
     # the config file's kind really ran (on CPU, accelerate alone would have run fsdp2.yaml as DDP)
     assert resolved["distributed_type"] == DISTRIBUTED_TYPE[launch_setup(config).kind]
+    assert resolved["launch"] == launch_setup(config).describe()  # what the refusals saw at start-up
     losses = train_losses(out)
     assert sum(losses[-3:]) < sum(losses[:3])
     assert results(out)["replicas_identical"] is True
@@ -80,13 +84,20 @@ def test_working_cell(recipe, config, tmp_path, one_process_runs):
         assert (saved[name] - tensor).norm() <= 1e-4 * tensor.norm(), name
 
 
-@pytest.mark.parametrize("recipe, config", REFUSED)
+@pytest.mark.parametrize("recipe, config", REFUSED_LAUNCHED)
 def test_refused_cell_says_why_at_start_up(recipe, config, tmp_path):
+    """One refused cell per config file, launched: the recipe sees at start-up the setup the table derives from the
+    file (every refusal is then the same function of that setup, generated into the table)."""
     out = tmp_path / "out"
     proc = launch_two_processes(recipe, config, *STEPS, "--output_dir", str(out), check=False)
     assert proc.returncode != 0
     assert f"{recipe}: error: {refusal(RECIPES[recipe], config)}" in proc.stderr
     assert "parameters" not in proc.stdout and not (out / "model.safetensors").exists()
+
+
+def test_launched_refusals_cover_every_config_that_refuses():
+    assert set(REFUSED_LAUNCHED) <= set(REFUSED)
+    assert {config for _, config in REFUSED_LAUNCHED} == {config for _, config in REFUSED}
 
 
 def test_readme_holds_the_generated_compatibility_table():

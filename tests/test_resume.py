@@ -15,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.core.optimizer_recipe import RECIPE_NAMES
-from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, smoke
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, shared_output, smoke
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
+RECIPES = {r.name: r for r in all_recipes()}
 # batch 32 gives 9 optimizer steps per epoch on the embedded corpus: the resumed part crosses an epoch boundary
 RUN = ["--per_device_train_batch_size", "32", "--max_steps", "14", "--logging_steps", "1"]
 
@@ -140,33 +142,46 @@ def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "model.safetensors").values())
 
 
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+    """adamw, 4 steps, checkpoints at 2 and 4: made once, copied by the tests that change it."""
+    return shared_output(tmp_path_factory, "adamw-4-steps", lambda out: launch(
+        "adamw", "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out)))
+
+
+def start_up_error(recipe: str, args: list[str], capsys) -> str:
+    """The one-line error of a run refused at start-up, run in-process through the recipe's own `main`."""
+    with pytest.raises(SystemExit) as stopped:
+        main(RECIPES[recipe], args)
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and "parameters" not in captured.out  # refused before any model loaded
+    errors = [line for line in captured.err.splitlines() if line.startswith(f"{recipe}: error:")]
+    assert len(errors) == 1, captured.err[-3000:]
+    return errors[0]
+
+
 @pytest.mark.parametrize("change, expected", [
     (["--max_steps", "4"], "holds checkpoints of an earlier run; resume it with --resume_from_checkpoint latest"),
     (["--max_steps", "4", "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "4"],
      "it was written with per_device_train_batch_size=8, this run has per_device_train_batch_size=4"),
 ])
-def test_resume_that_cannot_be_exact_is_refused(change, expected, tmp_path):
-    out = tmp_path / "out"
-    launch("adamw", "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out / "run"))
-    (out / "run" / "model.safetensors").unlink()  # as if the run had been preempted after its checkpoints
-    proc = launch("adamw", *change, "--output_dir", str(out / "run"), check=False)
-    assert proc.returncode != 0 and expected in proc.stderr
+def test_resume_that_cannot_be_exact_is_refused(change, expected, four_step_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(four_step_run, run)
+    (run / "model.safetensors").unlink()  # as if the run had been preempted after its checkpoints
+    assert expected in start_up_error("adamw", [*change, "--output_dir", str(run)], capsys)
 
 
-def test_resume_with_another_optimizer_is_refused(tmp_path):
-    out = tmp_path / "out"
-    launch("adamw", "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out))
-    proc = launch("lomo", "--max_steps", "4", "--output_dir", str(tmp_path / "other"),
-                  "--resume_from_checkpoint", str(out / "checkpoint-2"), check=False)
-    assert proc.returncode != 0
-    assert "it was written with recipe='adamw', this run has recipe='lomo'" in proc.stderr
-    assert "parameters" not in proc.stdout  # refused before any model loaded
+def test_resume_with_another_optimizer_is_refused(four_step_run, tmp_path, capsys):
+    error = start_up_error("lomo", ["--max_steps", "4", "--output_dir", str(tmp_path / "other"),
+                                    "--resume_from_checkpoint", str(four_step_run / "checkpoint-2")], capsys)
+    assert "it was written with recipe='adamw', this run has recipe='lomo'" in error
 
 
-def test_latest_with_no_checkpoint_is_refused(tmp_path):
-    proc = launch("adamw", "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "empty"), check=False)
-    assert proc.returncode != 0
-    assert "--resume_from_checkpoint latest: no checkpoint in" in proc.stderr
+def test_latest_with_no_checkpoint_is_refused(tmp_path, capsys):
+    error = start_up_error("adamw", ["--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "empty")],
+                           capsys)
+    assert "--resume_from_checkpoint latest: no checkpoint in" in error
 
 
 def test_auto_starts_fresh_without_a_checkpoint_and_resumes_the_newest_with_one(tmp_path):
