@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -34,6 +34,7 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on
     tokens_seen: int = 0  # non-padding input tokens, all processes
     trained_tokens_seen: int = 0  # tokens the loss was on, all processes
+    loss_since_evaluation: list = field(default_factory=lambda: [0.0, 0])  # (step losses summed, steps)
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:

@@ -28,15 +28,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from recipes.core import embedded
 from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, refuse_unconnected_processes
 from recipes.core.chat_masks import IGNORE_INDEX, use_chat_template_file
-from recipes.core.checkpoint import (
-    TrainerState,
-    checkpoints_in,
-    continue_schedule,
-    load_checkpoint,
-    resolve_checkpoint,
-    resume_settings,
-    save_checkpoint,
-)
+from recipes.core.checkpoint import (TrainerState, checkpoints_in, continue_schedule, load_checkpoint,
+                                     resolve_checkpoint, resume_settings, save_checkpoint)
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.data import build_datasets, load_raw_datasets
 from recipes.core.memory import CudaMemoryHistory, StepMemoryProfile, parse_step_window
@@ -283,6 +276,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
         """Save at x for schedule-free (eval mode), refuse to save non-finite weights, then carry on training."""
         stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
         state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
+        state.loss_since_evaluation = metrics.loss_since_evaluation()  # a resumed run's next evaluation needs it
         recipe.eval_mode(optimizer)
         path = save_checkpoint(accelerator, output_dir, state, settings, t.save_total_limit)
         recipe.train_mode(optimizer)
@@ -291,6 +285,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     # --- train
     metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step,
                               tokens_seen=(state.tokens_seen, state.trained_tokens_seen),
+                              loss_since_evaluation=state.loss_since_evaluation,
                               flops_per_token=training_flops_per_token, peak_flops=peak_flops(accelerator.device))
     memory_history = CudaMemoryHistory(output_dir, parse_step_window(t.memory_snapshot_steps), accelerator.device)
     memory_profile = StepMemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,

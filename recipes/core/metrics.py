@@ -32,8 +32,8 @@ def predicted_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0,
-                 tokens_seen: tuple[int, int] = (0, 0), flops_per_token: float | None = None,
-                 peak_flops: float | None = None):
+                 tokens_seen: tuple[int, int] = (0, 0), loss_since_evaluation: list | None = None,
+                 flops_per_token: float | None = None, peak_flops: float | None = None):
         """A resumed run (first_step > 0) appends to metrics.jsonl; a fresh one starts it anew. `tokens_seen`: the
         (input, trained) tokens of the steps before first_step. MFU is logged where `peak_flops` is known."""
         self.accelerator = accelerator
@@ -44,7 +44,8 @@ class TrainingMetrics:
         self.total_steps = total_steps
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
-        self._loss_since_evaluation = torch.zeros(2, device=accelerator.device)  # (loss sum, steps)
+        self._loss_since_evaluation = torch.tensor(loss_since_evaluation or [0.0, 0], dtype=torch.float32,
+                                                   device=accelerator.device)  # (loss sum, steps)
         self._pending_tokens = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # not yet reduced
         self.tokens_seen, self.trained_tokens_seen = tokens_seen
         self._steps = 0
@@ -100,10 +101,17 @@ class TrainingMetrics:
         self.write(record, suffix=f" eta={_duration(eta)}" if eta is not None else "")
         return record
 
+    def loss_since_evaluation(self) -> list:
+        """(sum of step losses, steps) since the previous evaluation, averaged over processes, for a checkpoint: a
+        resumed run starts from it. Call on every rank."""
+        reduced = self.accelerator.reduce(self._loss_since_evaluation.clone(), reduction="mean")
+        self._loss_since_evaluation.copy_(reduced)
+        return reduced.tolist()
+
     def train_loss_since_evaluation(self) -> float:
         """Mean training loss of all processes since the previous call (the previous evaluation). Call on every
         rank."""
-        total, steps = self.accelerator.reduce(self._loss_since_evaluation.clone(), reduction="mean").tolist()
+        total, steps = self.loss_since_evaluation()
         self._loss_since_evaluation.zero_()
         return total / max(steps, 1)
 
