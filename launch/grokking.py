@@ -1,6 +1,6 @@
 """Does GrokAdamW grok sooner than AdamW? A modular-arithmetic comparison that anyone can rerun on a CPU.
 
-    python launch/grokking.py --output_dir runs/grokking            # the full comparison (~15 minutes, 2 cores)
+    python launch/grokking.py --output_dir runs/grokking            # the full comparison (32 min, 2 CPU cores)
     python launch/grokking.py --output_dir runs/grokking-quick --quick   # about a minute: checks that it all runs
 
 Data: every pair (a, b) with 0 <= a, b < p as the prompt "a + b =" and the answer (a + b) mod p (or a*b, a-b with
