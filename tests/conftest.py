@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -45,6 +47,39 @@ def launch(recipe: str, *args: str, config: str = "cpu.yaml", env: dict | None =
                           timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                    f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_here(recipe: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`recipes/<recipe>.py args` with one process, run in this process through the recipe's own `main` (what the
+    script calls with its command line), with stdout and stderr captured as a launch's are.
+
+    For tests of what the loop does with one process, where a launch would add ~10 s of start-up (the launcher,
+    then torch and transformers imported again) and test nothing more: launching every recipe with every config
+    file is tested by the launches in test_distributed.py, test_recipes_train.py and test_launchers.py. One
+    thread, as in a launch (OMP_NUM_THREADS=1), so a run here and a launched run give bit-identical numbers."""
+    import torch
+
+    from recipes.core.loop import main
+    from recipes.core.optimizer_recipe import all_recipes
+
+    recipe_obj = next(r for r in all_recipes() if r.name == recipe)
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset_accelerate_state()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(recipe_obj, list(args))
+    except SystemExit as stopped:
+        returncode = stopped.code if isinstance(stopped.code, int) else 1
+    finally:
+        reset_accelerate_state()
+        torch.set_num_threads(threads)
+    proc = subprocess.CompletedProcess([recipe, *args], returncode, stdout.getvalue(), stderr.getvalue())
+    if check and returncode != 0:
+        pytest.fail(f"{recipe} {' '.join(args)} exited {returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                     f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
 

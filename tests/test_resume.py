@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, shared_output, smoke
+from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, results, run_here, shared_output,
+                            smoke)
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 RECIPES = {r.name: r for r in all_recipes()}
@@ -44,13 +45,14 @@ def test_resume_is_bit_exact(recipe, tmp_path):
     train(); both runs go through that same switch at step 7, so they stay bit-identical too.
     """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch(recipe, *RUN, "--save_steps", "7", "--output_dir", str(straight))
+    run_here(recipe, *RUN, "--save_steps", "7", "--output_dir", str(straight))
     checkpoint = straight / "checkpoint-7"
     assert checkpoint.is_dir()
     # every file accelerate wrote loads with weights_only=True (no pickled objects)
     for name in ("optimizer.bin", "scheduler.bin"):
         torch.load(checkpoint / name, weights_only=True)
-    launch(recipe, *RUN, "--save_steps", "7", "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint))
+    run_here(recipe, *RUN, "--save_steps", "7", "--output_dir", str(resumed), "--resume_from_checkpoint",
+             str(checkpoint))
     full, rest = losses_by_step(straight), losses_by_step(resumed)
     assert sorted(rest) == list(range(8, 15))
     assert [rest[s] for s in rest] == [full[s] for s in rest]
@@ -61,7 +63,7 @@ def test_adalomo_and_grokadamw_state_is_in_the_checkpoint(tmp_path):
     """The state upstream keeps outside state_dict is saved: AdaLomo's moments and step, GrokAdamW's moments."""
     for recipe in ("adalomo", "grokadamw"):
         out = tmp_path / recipe
-        launch(recipe, "--max_steps", "4", "--save_steps", "3", "--output_dir", str(out))
+        run_here(recipe, "--max_steps", "4", "--save_steps", "3", "--output_dir", str(out))
         state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=True)
         if recipe == "adalomo":
             assert state["adalomo"]["step_num"] == 3
@@ -98,9 +100,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(t
     assert not (out / "checkpoint-8").exists()
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
 
-    resumed = launch("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    resumed = run_here("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
     assert f"resuming at step 4 from {out / 'checkpoint-4'}" in resumed.stdout
-    launch("adamw", *args, "--output_dir", str(straight))
+    run_here("adamw", *args, "--output_dir", str(straight))
     assert losses_by_step(out)[12] == losses_by_step(straight)[12]
     assert_same_weights(out, straight)
     # the resumed run wrote step 8 afresh: the killed save's partial folder is gone, its marker never promoted
@@ -108,11 +110,21 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(t
     assert not (out / "checkpoint-8" / ".save-in-progress").exists()
 
 
+PREEMPTED_RUN = ["--max_steps", "200", "--logging_steps", "1", "--save_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    return shared_output(tmp_path_factory, "adamw-200-steps", lambda out: run_here(
+        "adamw", *PREEMPTED_RUN, "--output_dir", str(out)))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_exits_zero_and_resume_matches_an_uninterrupted_run(sig, tmp_path):
+def test_preemption_signal_checkpoints_exits_zero_and_resume_matches_an_uninterrupted_run(sig, tmp_path,
+                                                                                          uninterrupted_run):
     """SIGTERM (preemption) or SIGUSR1 (SLURM's warning before the time limit)."""
-    out, straight = tmp_path / "out", tmp_path / "straight"
-    args = ["--max_steps", "200", "--logging_steps", "1", "--save_steps", "0"]
+    out, straight = tmp_path / "out", uninterrupted_run
+    args = PREEMPTED_RUN
     proc = start("adamw", *args, "--output_dir", str(out))
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3)
     recipe_process = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "adamw.py" in " ".join(c.cmdline()))
@@ -124,8 +136,7 @@ def test_preemption_signal_checkpoints_exits_zero_and_resume_matches_an_uninterr
     stopped_at = max(losses_by_step(out))
     assert (out / f"checkpoint-{stopped_at}").is_dir() and stopped_at < 200
 
-    launch("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
-    launch("adamw", *args, "--output_dir", str(straight))
+    run_here("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
     assert losses_by_step(out)[200] == losses_by_step(straight)[200]
     assert results(out)["eval_loss"] == results(straight)["eval_loss"]
 
@@ -145,7 +156,7 @@ def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def four_step_run(tmp_path_factory):
     """adamw, 4 steps, checkpoints at 2 and 4: made once, copied by the tests that change it."""
-    return shared_output(tmp_path_factory, "adamw-4-steps", lambda out: launch(
+    return shared_output(tmp_path_factory, "adamw-4-steps", lambda out: run_here(
         "adamw", "--max_steps", "4", "--save_steps", "2", "--output_dir", str(out)))
 
 
@@ -188,11 +199,11 @@ def test_auto_starts_fresh_without_a_checkpoint_and_resumes_the_newest_with_one(
     """One command for a job that may be requeued: `--resume_from_checkpoint auto`."""
     run = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--resume_from_checkpoint", "auto"]
     first, requeued = tmp_path / "first", tmp_path / "requeued"
-    proc = launch("adamw", *run, "--output_dir", str(first))
+    proc = run_here("adamw", *run, "--output_dir", str(first))
     assert "resuming" not in proc.stdout and sorted(losses_by_step(first)) == list(range(1, 7))
     requeued.mkdir()  # a job preempted after its step-3 checkpoint, then requeued with the same command
     shutil.copytree(first / "checkpoint-3", requeued / "checkpoint-3")
-    proc = launch("adamw", *run, "--output_dir", str(requeued))
+    proc = run_here("adamw", *run, "--output_dir", str(requeued))
     assert f"resuming at step 3 from {requeued / 'checkpoint-3'}" in proc.stdout
     full, rest = losses_by_step(first), losses_by_step(requeued)
     assert sorted(rest) == [4, 5, 6] and [rest[s] for s in rest] == [full[s] for s in rest]
@@ -201,7 +212,7 @@ def test_auto_starts_fresh_without_a_checkpoint_and_resumes_the_newest_with_one(
 
 def test_save_total_limit_keeps_the_newest(tmp_path):
     out = tmp_path / "out"
-    launch("adamw", "--max_steps", "9", "--save_steps", "2", "--save_total_limit", "2", "--output_dir", str(out))
+    run_here("adamw", "--max_steps", "9", "--save_steps", "2", "--save_total_limit", "2", "--output_dir", str(out))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-8", "checkpoint-9"]
 
 
@@ -210,10 +221,10 @@ def test_a_finished_run_continues_to_more_steps_with_its_schedule_recomputed(tmp
     the same output_dir (its model is in that checkpoint, so nothing is lost). The linear schedule is recomputed for
     the new total, the first continued step included: its lr is 1e-3 * (10 - 6) / 10, not the old schedule's 0."""
     out = tmp_path / "out"
-    launch("adamw", "--max_steps", "6", "--save_steps", "4", "--logging_steps", "1", "--output_dir", str(out))
+    run_here("adamw", "--max_steps", "6", "--save_steps", "4", "--logging_steps", "1", "--output_dir", str(out))
     assert (out / "checkpoint-6").is_dir() and (out / "checkpoint-4").is_dir()
-    proc = launch("adamw", "--max_steps", "10", "--save_steps", "1", "--logging_steps", "1", "--output_dir", str(out),
-                  "--resume_from_checkpoint", "latest")
+    proc = run_here("adamw", "--max_steps", "10", "--save_steps", "1", "--logging_steps", "1", "--output_dir",
+                    str(out), "--resume_from_checkpoint", "latest")
     assert ("the checkpoint's run planned 6 steps, this one 10: the linear LR schedule is recomputed for 10 steps "
             "(the lr at step 7 is 0.0004, was 0)") in proc.stdout
     lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
