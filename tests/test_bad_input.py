@@ -9,7 +9,7 @@ import pytest
 from recipes.core.config import MODEL_FILES
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import launch, smoke
+from tests.conftest import launch, run_here, smoke
 
 CASES = {
     "unknown flag": ("adamw", ["--learnig_rate", "1e-3"], "unknown flag or value '--learnig_rate'; did you mean --learning_rate?"),
@@ -101,9 +101,9 @@ def test_missing_text_column_fails_before_the_model_loads(tmp_path):
 
 def test_existing_model_is_never_overwritten_silently(tmp_path):
     out = tmp_path / "out"
-    launch("adamw", "--max_steps", "2", "--output_dir", str(out))
+    run_here("adamw", "--max_steps", "2", "--output_dir", str(out))
     before = (out / "model.safetensors").read_bytes()
-    proc = launch("adamw", "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "0.5", check=False)
+    proc = run_here("adamw", "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "0.5", check=False)
     assert proc.returncode != 0
     assert "already holds a trained model; choose another --output_dir or pass --overwrite_output_dir" in proc.stderr
     assert (out / "model.safetensors").read_bytes() == before

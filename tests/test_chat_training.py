@@ -1,4 +1,4 @@
-"""Chat and Alpaca files train end to end as users launch them: one process and 2-process DDP, reload, trackers."""
+"""Chat and Alpaca files train end to end: one process (in-process) and 2-process DDP (launched), reload, trackers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from recipes.core.data import load_raw_datasets
 from recipes.core.embedded import CHAT_TEMPLATE, alpaca_examples, chat_conversations
 from recipes.core.loop import build_dataloaders, evaluate
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import launch, read_metrics, results, train_losses
+from tests.conftest import launch, read_metrics, results, run_here, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}
 STEPS = ["--max_steps", "30", "--logging_steps", "5", "--per_device_train_batch_size", "4"]
@@ -40,8 +40,11 @@ def test_instruction_data_trains_end_to_end_and_the_model_reloads(data, recipe, 
     out = tmp_path / "out"
     processes = 2 if config == "multi_gpu.yaml" else 1
     per_device = str(4 // processes)  # the same global batch of 4 either way
-    launch(recipe, "--dataset_name", str(data_files[data]), *STEPS[:-1], per_device, "--output_dir", str(out),
-           config=config, env={"ACCELERATE_USE_CPU": "1"} if processes == 2 else {})
+    args = ["--dataset_name", str(data_files[data]), *STEPS[:-1], per_device, "--output_dir", str(out)]
+    if processes == 2:
+        launch(recipe, *args, config=config, env={"ACCELERATE_USE_CPU": "1"})
+    else:
+        run_here(recipe, *args)
 
     resolved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert resolved["num_processes"] == processes, resolved["distributed_type"]
@@ -71,7 +74,7 @@ def test_padding_instead_of_packing_trains_the_same_examples(data_files, tmp_pat
     """--packing false: one example per row, padded per batch; the same tokens are trained, the loss falls."""
     packed, padded = tmp_path / "packed", tmp_path / "padded"
     for out, flags in ((packed, []), (padded, ["--packing", "false"])):
-        launch("adamw", "--dataset_name", str(data_files["chat"]), *STEPS, "--output_dir", str(out), *flags)
+        run_here("adamw", "--dataset_name", str(data_files["chat"]), *STEPS, "--output_dir", str(out), *flags)
     summaries = [yaml.safe_load((out / "run_config.yaml").read_text())["data_summary"] for out in (packed, padded)]
     assert summaries[0]["splits"]["train"]["trained_tokens"] == summaries[1]["splits"]["train"]["trained_tokens"]
     assert summaries[1]["splits"]["train"]["rows"] > summaries[0]["splits"]["train"]["rows"]
@@ -84,8 +87,8 @@ def test_tensorboard_holds_the_logged_scalars_and_the_run_configuration(data_fil
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "out"
-    launch("adamw", "--dataset_name", str(data_files["chat"]), "--max_steps", "6", "--logging_steps", "2",
-           "--eval_steps", "3", "--report_to", "tensorboard", "--run_name", "chat-run", "--output_dir", str(out))
+    run_here("adamw", "--dataset_name", str(data_files["chat"]), "--max_steps", "6", "--logging_steps", "2",
+             "--eval_steps", "3", "--report_to", "tensorboard", "--run_name", "chat-run", "--output_dir", str(out))
     scalars, hparams = {}, {}
     for path in glob.glob(str(out / "chat-run" / "**" / "events.out.tfevents.*"), recursive=True):
         events = EventAccumulator(path)
@@ -110,9 +113,9 @@ def test_tensorboard_holds_the_logged_scalars_and_the_run_configuration(data_fil
 def test_grad_norm_is_logged_only_where_it_is_measured(tmp_path):
     """LOMO without global-norm clipping measures no norm: no grad_norm at all, never a stand-in 0."""
     out = tmp_path / "out"
-    launch("lomo", "--max_steps", "4", "--logging_steps", "2", "--output_dir", str(out))
+    run_here("lomo", "--max_steps", "4", "--logging_steps", "2", "--output_dir", str(out))
     assert all("grad_norm" not in r for r in read_metrics(out))
-    launch("adamw", "--max_steps", "4", "--logging_steps", "2", "--output_dir", str(tmp_path / "adamw"))
+    run_here("adamw", "--max_steps", "4", "--logging_steps", "2", "--output_dir", str(tmp_path / "adamw"))
     assert all(r["grad_norm"] > 0 for r in read_metrics(tmp_path / "adamw") if "loss" in r)
 
 
@@ -149,8 +152,8 @@ def test_bad_data_fails_with_one_line_before_the_model_loads(case, tmp_path):
         (tmp_path / "plain_tokenizer" / "chat_template.jinja").unlink(missing_ok=True)
         flags = [str(tmp_path / "plain_tokenizer") if f == "TOKENIZER_WITHOUT_TEMPLATE" else f for f in flags]
     out = tmp_path / "out"
-    proc = launch("adamw", "--dataset_name", str(data), *flags, "--max_steps", "2", "--output_dir", str(out),
-                  check=False)
+    proc = run_here("adamw", "--dataset_name", str(data), *flags, "--max_steps", "2", "--output_dir", str(out),
+                    check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("adamw: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]

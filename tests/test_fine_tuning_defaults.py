@@ -7,7 +7,7 @@ import yaml
 
 from recipes.core.config import parse_config
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import launch, results, shared_output, train_losses
+from tests.conftest import results, run_here, shared_output, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}
 
@@ -29,7 +29,7 @@ def test_learning_rate_default_depends_on_whether_the_model_is_pretrained(name, 
 @pytest.fixture(scope="module")
 def pretrained_folder(tmp_path_factory):
     """A local model folder as from_pretrained reads it: the embedded model after some training."""
-    return shared_output(tmp_path_factory, "pretrained", lambda out: launch(
+    return shared_output(tmp_path_factory, "pretrained", lambda out: run_here(
         "adamw", "--max_steps", "60", "--logging_steps", "20", "--output_dir", str(out), "--overwrite_output_dir"))
 
 
@@ -38,7 +38,7 @@ def test_fine_tuning_a_local_model_with_the_default_lr_does_not_blow_up(name, pr
     """The from-scratch defaults (lomo 0.5, adalomo 0.1) sent a pretrained model's loss from 6 to 54; the fine-tuning
     defaults keep it falling (lomo) or at least not rising (adalomo, whose steps are relative to each weight)."""
     out = tmp_path / "out"
-    proc = launch(name, "--model_name_or_path", str(pretrained_folder), "--max_steps", "10", "--logging_steps", "1",
+    proc = run_here(name, "--model_name_or_path", str(pretrained_folder), "--max_steps", "10", "--logging_steps", "1",
                   "--output_dir", str(out))
     expected_lr = RECIPES[name].fine_tuning_learning_rate
     assert f"--learning_rate {expected_lr:g}, the {name} recipe's default for fine-tuning" in proc.stdout

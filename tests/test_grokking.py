@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, launch, offline_env, read_metrics, results
+from tests.conftest import REPO, offline_env, read_metrics, results, run_here
 
 spec = importlib.util.spec_from_file_location("grokking", REPO / "launch" / "grokking.py")
 grokking = sys.modules["grokking"] = importlib.util.module_from_spec(spec)  # launch/ is scripts, not a package
@@ -41,7 +41,7 @@ def evaluations(out):
 def test_the_grokking_signal_moves_alpha_and_a_resumed_run_keeps_it(arithmetic, tmp_path):
     signal_on = ["--grokadamw_signal", "eval_train_gap"]
     straight, resumed, off = tmp_path / "straight", tmp_path / "resumed", tmp_path / "off"
-    launch("grokadamw", *arithmetic, *RUN, *signal_on, "--output_dir", str(straight))
+    run_here("grokadamw", *arithmetic, *RUN, *signal_on, "--output_dir", str(straight))
 
     # signal = max(0, eval - train) / max(eval, train), train = mean training loss since the previous evaluation
     records = read_metrics(straight)
@@ -58,14 +58,14 @@ def test_the_grokking_signal_moves_alpha_and_a_resumed_run_keeps_it(arithmetic, 
 
     # Resumed at step 15, the run goes on with the alpha of step 10's evaluation, and its step-20 signal counts the
     # training losses of steps 11-15 from the checkpoint: the same evaluations, the same weights
-    launch("grokadamw", *arithmetic, *RUN, *signal_on, "--output_dir", str(resumed), "--resume_from_checkpoint",
+    run_here("grokadamw", *arithmetic, *RUN, *signal_on, "--output_dir", str(resumed), "--resume_from_checkpoint",
            str(straight / "checkpoint-15"))
     assert evaluations(resumed) == evals[1:]
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # ... and the signal reaches the update: without it the same run ends elsewhere
-    launch("grokadamw", *arithmetic, *RUN, "--output_dir", str(off))
+    run_here("grokadamw", *arithmetic, *RUN, "--output_dir", str(off))
     assert evaluations(off) == []
     c = load_file(off / "model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
@@ -74,7 +74,7 @@ def test_the_grokking_signal_moves_alpha_and_a_resumed_run_keeps_it(arithmetic, 
 def test_eval_token_accuracy_is_the_share_of_answers_the_model_gets_right(arithmetic, tmp_path):
     """Checked against the saved model, answer by answer: argmax at the '=' position against the answer token."""
     out = tmp_path / "out"
-    launch("adamw", *arithmetic, *RUN, "--output_dir", str(out))
+    run_here("adamw", *arithmetic, *RUN, "--output_dir", str(out))
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     data = arithmetic[arithmetic.index("--dataset_name") + 1]
     rows = [json.loads(line) for line in open(f"{data}/validation.jsonl")]

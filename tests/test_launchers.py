@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, launch, results
+from tests.conftest import REPO, results, run_here
 
 
 def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
@@ -45,7 +45,7 @@ def test_slurm_script_outside_slurm_says_what_is_missing():
 def test_compare_tabulates_runs_and_plots_their_losses(tmp_path):
     runs = [tmp_path / "adamw", tmp_path / "lomo"]
     for run in runs:
-        launch(run.name, "--max_steps", "4", "--logging_steps", "1", "--output_dir", str(run))
+        run_here(run.name, "--max_steps", "4", "--logging_steps", "1", "--output_dir", str(run))
     table, image = tmp_path / "table.md", tmp_path / "loss.png"
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), *map(str, runs), "--markdown",
                            str(table), "--plot", str(image)], capture_output=True, text=True, timeout=120)

@@ -13,7 +13,7 @@ from recipes.core.loop import train
 from recipes.lomo import LomoRecipe
 from recipes.schedule_free_adamw import AdamWScheduleFree, ScheduleFreeAdamWRecipe
 from recipes.schedule_free_sgd import SGDScheduleFree
-from tests.conftest import launch, read_metrics, train_losses
+from tests.conftest import read_metrics, run_here, train_losses
 
 
 class LomoMeasuringItsUpdate(LomoRecipe):
@@ -69,8 +69,8 @@ def test_schedule_free_saves_the_averaged_x_weights(tmp_path, fresh_accelerate_s
 def test_schedule_free_training_goes_on_correctly_after_switching_to_x_and_back(recipe, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     args = ["--max_steps", "12", "--logging_steps", "1"]
-    launch(recipe, *args, "--output_dir", str(straight))
-    launch(recipe, *args, "--eval_steps", "4", "--output_dir", str(interrupted))
+    run_here(recipe, *args, "--output_dir", str(straight))
+    run_here(recipe, *args, "--eval_steps", "4", "--output_dir", str(interrupted))
     evals = [r for r in read_metrics(interrupted) if "eval_loss" in r and "perplexity" not in r]
     assert [r["step"] for r in evals] == [4, 8]
     # eval() then train() is y -> x -> y: the run continues as if never interrupted, up to float rounding

@@ -1,4 +1,6 @@
-"""Every recipe, launched as users launch it, trains on the embedded default and saves a model that loads back."""
+"""Every recipe trains on the embedded default and saves a model that loads back; the default run and the plain
+`python recipes/<name>.py` are launched as users launch them (every recipe is launched with cpu.yaml and every
+distributed config in test_distributed.py); the rest run the recipe's main in-process."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from recipes.core.config import parse_config
 from recipes.core.data import load_raw_datasets
 from recipes.core.loop import build_dataloaders, evaluate
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, reset_accelerate_state, results,
-                            smoke, train_losses)
+from tests.conftest import (CONFIGS, REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
+                            train_losses)
 
 STEPS = 40
 
@@ -25,7 +27,7 @@ STEPS = 40
 @pytest.mark.parametrize("recipe", smoke(RECIPE_NAMES, "adamw", "lomo", "schedule_free_adamw"))  # one per family
 def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fresh_accelerate_state):
     out = tmp_path / recipe
-    launch(recipe, "--max_steps", str(STEPS), "--logging_steps", "1", "--output_dir", str(out))
+    run_here(recipe, "--max_steps", str(STEPS), "--logging_steps", "1", "--output_dir", str(out))
 
     losses = train_losses(out)
     assert len(losses) == STEPS
@@ -67,7 +69,7 @@ def test_trains_from_local_jsonl_with_text_field(tmp_path):
         for doc in generate_corpus(300, seed=7):
             f.write(json.dumps({"id": len(doc), "text": doc}) + "\n")
     out = tmp_path / "out"
-    launch("adamw", "--dataset_name", str(data), "--max_steps", "30", "--logging_steps", "1",
+    run_here("adamw", "--dataset_name", str(data), "--max_steps", "30", "--logging_steps", "1",
            "--output_dir", str(out), "--validation_split_percentage", "10")
     losses = train_losses(out)
     assert sum(losses[-5:]) <= 0.9 * sum(losses[:5])
@@ -78,7 +80,7 @@ def test_yaml_config_with_command_line_override(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("max_steps: 7\nlearning_rate: 0.002\nlogging_steps: 1\nlr_scheduler_type: constant\n")
     out = tmp_path / "out"
-    launch("adamw", "--config", str(cfg), "--learning_rate", "0.003", "--output_dir", str(out))
+    run_here("adamw", "--config", str(cfg), "--learning_rate", "0.003", "--output_dir", str(out))
     metrics = [r for r in read_metrics(out) if "loss" in r]
     assert len(metrics) == 7  # from the file
     assert all(r["lr"] == pytest.approx(0.003) for r in metrics)  # the command line wins
@@ -89,9 +91,9 @@ def test_gradient_accumulation_trains_like_the_larger_batch(recipe, tmp_path):
     """3 micro-batches of 8 per step must give the losses of one batch of 24 (the same 24 sequences)."""
     accumulated, large = tmp_path / "accumulated", tmp_path / "large"
     args = ["--max_steps", "6", "--logging_steps", "1"]
-    launch(recipe, *args, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "3",
+    run_here(recipe, *args, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "3",
            "--output_dir", str(accumulated))
-    launch(recipe, *args, "--per_device_train_batch_size", "24", "--output_dir", str(large))
+    run_here(recipe, *args, "--per_device_train_batch_size", "24", "--output_dir", str(large))
     assert len(train_losses(accumulated)) == 6
     assert train_losses(accumulated) == pytest.approx(train_losses(large), rel=1e-5)
     assert results(accumulated)["tokens_seen"] == 6 * 24 * 64
@@ -106,8 +108,8 @@ def test_recipe_docstrings_say_what_they_support_and_refuse():
 def test_gradient_checkpointing_gives_the_same_losses_with_fewer_activations(tmp_path):
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
     args = ["--max_steps", "5", "--logging_steps", "1", "--profile_memory", "true"]
-    launch("lomo", *args, "--output_dir", str(plain))
-    launch("lomo", *args, "--output_dir", str(ckpt), "--gradient_checkpointing", "true")
+    run_here("lomo", *args, "--output_dir", str(plain))
+    run_here("lomo", *args, "--output_dir", str(ckpt), "--gradient_checkpointing", "true")
     assert train_losses(ckpt) == pytest.approx(train_losses(plain), rel=1e-5)
     assert torch.tensor(train_losses(plain)).isfinite().all()
     # the measured step keeps only each layer's input for backward (a third or less of the activations here)
