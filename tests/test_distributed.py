@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import (CONFIGS, REPO, free_port, launch, offline_env, read_metrics, results, shared_output,
-                            smoke, train_losses)
+from tests.conftest import (CONFIGS, REPO, free_port, launch, offline_env, read_metrics, results, run_here,
+                            shared_output, smoke, train_losses)
 
 RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
@@ -115,7 +115,7 @@ def test_deepspeed_follows_the_accumulation_and_clipping_flags(config, tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
     launch_two_processes("adamw", config, *flags, "--per_device_train_batch_size", "2",
                          "--gradient_accumulation_steps", "2", "--output_dir", str(two))
-    launch("adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
+    run_here("adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
     assert yaml.safe_load((two / "run_config.yaml").read_text())["num_processes"] == 2
     assert train_losses(two) == pytest.approx(train_losses(one), rel=TOLERANCE)
 
@@ -136,7 +136,7 @@ def test_schedule_free_evaluates_and_saves_x_in_the_16bit_weights_under_zero3(tm
     two, one = tmp_path / "two", tmp_path / "one"
     launch_two_processes("schedule_free_adamw", "zero3.yaml", *flags, "--per_device_train_batch_size", "4",
                          "--output_dir", str(two))
-    launch("schedule_free_adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
+    run_here("schedule_free_adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
     evals = [[r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r] for run in (two, one)]
     assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], rel=2e-3)
     saved = AutoModelForCausalLM.from_pretrained(two, dtype="auto")
