@@ -14,7 +14,7 @@ import argparse
 from recipes.core.memory_estimate import PRECISIONS, estimate, meta_model
 from recipes.core.optimizer_recipe import all_recipes
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "total")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "total")
 
 
 def human(n: int) -> str:

@@ -1,8 +1,9 @@
 """AdaLomo (lomo_optim.AdaLomo): LOMO with Adafactor-style factored second moments, fused into backward.
 
 The update is scaled by each parameter's RMS, so lr is relative (authors: 1e-3 or 5e-4 when fine-tuning).
-Built through AdaLomoOnModelDevice (recipes/core/lomo_fixes.py): lomo-optim 0.1.1 puts its state on CUDA
-unconditionally, which fails on CPU.
+Built as LinearTimeAdaLomo (recipes/core/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per
+parameter (lomo-optim's hooks each scan every parameter), with its state on the model's device (lomo-optim 0.1.1
+puts it on CUDA unconditionally, which fails on CPU) and in the checkpoint.
 Learning rate: --learning_rate, else 5e-4 with --model_name_or_path (the AdaLomo authors recommend 1e-3 or 5e-4),
 else 1e-1 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --loss_scale (static, default
@@ -16,9 +17,9 @@ ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters 
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
-from recipes.core.lomo_fixes import AdaLomoOnModelDevice
+from recipes.core.lomo_updates import LinearTimeAdaLomo
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel
+from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel, numel
 
 
 class AdaLomoRecipe(FusedBackwardRecipe):
@@ -30,11 +31,16 @@ class AdaLomoRecipe(FusedBackwardRecipe):
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(factored_numel(s) for s in shapes) * 4  # fp32 row/column second moments
 
+    def update_bytes(self, shapes, element_bytes):
+        # the largest parameter's fp32 gradient (a copy for 16-bit weights) and update, or update and weights
+        # (measured: tests/test_lomo_updates.py); a 16-bit gradient is freed once upcast
+        return max(numel(s) for s in shapes) * (8 - element_bytes)
+
     def build_fused(self, model, config):
         t, o = config.train, config.optim
-        return AdaLomoOnModelDevice(model, lr=t.learning_rate, loss_scale=o.loss_scale,
-                                    clip_grad_norm=t.max_grad_norm or None, clip_grad_value=o.clip_grad_value,
-                                    weight_decay=t.weight_decay)
+        return LinearTimeAdaLomo(model, lr=t.learning_rate, loss_scale=o.loss_scale,
+                                 clip_grad_norm=t.max_grad_norm or None, clip_grad_value=o.clip_grad_value,
+                                 weight_decay=t.weight_decay)
 
 
 RECIPE = AdaLomoRecipe()

@@ -1,7 +1,9 @@
 """LOMO (lomo_optim.Lomo): SGD fused into backward, so no gradient tensors and no optimizer state are kept.
 
 Each parameter is updated by a hook as its gradient arrives, at the scheduled lr of the step
-(optimizer.fused_backward(loss, lr)); there is no optimizer.step().
+(optimizer.fused_backward(loss, lr)); there is no optimizer.step(). Built as LinearTimeLomo
+(recipes/core/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per parameter (lomo-optim's hooks
+each scan every parameter, a cost that grows with the square of the tensor count), 16-bit weights upcast in chunks.
 Learning rate: --learning_rate, else 1e-2 with --model_name_or_path (a third of the LOMO authors' 3e-2
 (config/args_lomo.yaml), which they pair with clip_grad_norm 1.0, off here by default), else 0.5 for the embedded
 tiny model trained from scratch.
@@ -15,10 +17,9 @@ ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters 
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
-from lomo_optim import Lomo
-
+from recipes.core import lomo_updates
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe
+from recipes.core.optimizer_recipe import FusedBackwardRecipe, numel
 
 
 class LomoRecipe(FusedBackwardRecipe):
@@ -30,10 +31,14 @@ class LomoRecipe(FusedBackwardRecipe):
     def optimizer_state_bytes(self, shapes, element_bytes):
         return 0  # plain SGD in backward: no state
 
+    def update_bytes(self, shapes, element_bytes):
+        # a 16-bit gradient and parameter are upcast to fp32 a chunk at a time (measured: tests/test_lomo_updates.py)
+        return 0 if element_bytes == 4 else 8 * min(max(numel(s) for s in shapes), lomo_updates.UPDATE_CHUNK)
+
     def build_fused(self, model, config):
         t, o = config.train, config.optim
-        return Lomo(model, lr=t.learning_rate, clip_grad_norm=t.max_grad_norm or None,
-                    clip_grad_value=o.clip_grad_value, weight_decay=t.weight_decay)
+        return lomo_updates.LinearTimeLomo(model, lr=t.learning_rate, clip_grad_norm=t.max_grad_norm or None,
+                                           clip_grad_value=o.clip_grad_value, weight_decay=t.weight_decay)
 
 
 RECIPE = LomoRecipe()

@@ -10,7 +10,8 @@ T x T matrix), as real SDPA runs on CPU and GPU.
 Precision: "fp32"; "bf16-mixed" / "fp16-mixed" as DeepSpeed keeps them (16-bit parameters and gradients, an fp32
 master copy counted with the optimizer state, fp32 optimizer state; LOMO/AdaLomo update the 16-bit weights in
 place, no master); "bf16" (everything 16-bit). ZeRO stage s over N processes divides optimizer state (s >= 1),
-gradients (s >= 2) and parameters (s = 3) by N.
+gradients (s >= 2; not a fused update's, which all-reduces one parameter's whole gradient) and parameters (s = 3)
+by N. A fused update's fp32 temporaries (`update_temporaries`, for the largest parameter) are counted as measured.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class MemoryEstimate:
     gradients: int
     optimizer_state: int
     activations: int
+    update_temporaries: int  # fp32 copies a fused (LOMO-family) update holds for the largest parameter
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
+        return self.parameters + self.gradients + self.optimizer_state + self.activations + self.update_temporaries
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total": self.total}
@@ -97,12 +99,13 @@ def estimate(recipe, model, precision: str = "fp32", micro_batch: int = 8, seq_l
     state_bytes = 2 if precision == "bf16" else 4
     params = numel * weight_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
     grads = recipe.gradient_bytes(shapes, weight_bytes)
+    update = recipe.update_bytes(shapes, weight_bytes)
     state = recipe.optimizer_state_bytes(shapes, state_bytes)
     if precision.endswith("-mixed") and recipe.keeps_master_weights:
         state += numel * 4
     activations = activation_bytes(model, micro_batch, seq_len, gradient_checkpointing)
     n = max(world_size, 1)
     return MemoryEstimate(parameters=params // n if zero_stage >= 3 else params,
-                          gradients=grads // n if zero_stage >= 2 else grads,
+                          gradients=grads // n if zero_stage >= 2 and recipe.gradients_partitioned_by_zero else grads,
                           optimizer_state=state // n if zero_stage >= 1 else state,
-                          activations=activations)
+                          activations=activations, update_temporaries=update)

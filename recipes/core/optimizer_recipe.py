@@ -69,6 +69,7 @@ class OptimizerRecipe:
     default_max_grad_norm: float = 1.0
     reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
     keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
+    gradients_partitioned_by_zero: bool = True  # ZeRO-2/3 keep 1/N of the gradients per process
     # Under DeepSpeed optimizer offload, accelerate replaces the optimizer with DeepSpeed's CPU Adam (a faster CPU
     # kernel) unless told not to. True only where that computes this optimizer's update.
     same_update_as_deepspeed_cpu_adam: bool = False
@@ -80,6 +81,11 @@ class OptimizerRecipe:
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         """Bytes of gradients alive at once: all of them, for an optimizer that steps after backward."""
         return sum(numel(s) for s in shapes) * element_bytes
+
+    def update_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
+        """Bytes an update holds at once beyond the gradients and the state, for the memory estimator: the fp32
+        copies of a fused (LOMO-family) update. 0 here: a torch optimizer's step temporaries are not counted."""
+        return 0
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -185,10 +191,10 @@ class FusedBackwardRecipe(OptimizerRecipe):
         average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
         return self.build_fused(model, config)
 
+    gradients_partitioned_by_zero = False  # one parameter's whole gradient at a time, all-reduced under ZeRO-3
+
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
-        # one parameter's gradient at a time, upcast to fp32 for the update when the weights are 16-bit
-        upcast = 4 if element_bytes < 4 else 0
-        return max(numel(s) for s in shapes) * (element_bytes + upcast)
+        return max(numel(s) for s in shapes) * element_bytes  # one parameter's gradient at a time
 
     def refuse(self, config: Config) -> Optional[str]:
         launch = config.launch
