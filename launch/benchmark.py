@@ -1,0 +1,410 @@
+"""Speed and memory of each optimizer in three harnesses: a bare PyTorch loop, the recipe, the Transformers Trainer.
+
+    python launch/benchmark.py --output_dir reports/benchmark
+    python launch/benchmark.py --output_dir reports/benchmark-32-layers --sizes num_hidden_layers=32 \\
+        --optimizers lomo,schedule_free_sgd,adalomo,adafactor --harnesses bare,recipe
+
+Same model, batch and data in every harness:
+- bare: a plain PyTorch loop, no accelerate: the recipe's optimizer (`recipe.build`, the same construction and
+  hyper-parameters), then forward, `loss.backward()`, clipping if the recipe clips, `step()`, `zero_grad()` (LOMO
+  and AdaLomo: `fused_backward(loss, lr)`), and the recipe's LR schedule;
+- recipe: `recipes/<name>.py` itself (its `main`, as `python recipes/<name>.py` runs it: one process);
+- trainer: `transformers.Trainer` with the matching `optim` name and the recipe's hyper-parameters (where it cannot
+  run one, the table says why).
+
+Each (harness, optimizer) runs in its own process (`--run`), so its peak memory is its own; rounds interleave the
+harnesses (their order rotates each round). A run times every optimizer step (from the end of one to the end of the
+next) and drops the first `--warmup`; step 2 is also measured under torch's MemTracker (the tensors' peak, by
+category), so warm-up must cover it. Peak memory is the process's peak RSS over the steps after the first (CPU) or
+`max_memory_allocated` (CUDA). Ratios are medians over rounds of each round's ratio of median step times. Writes
+`benchmark.md` (the table) and `benchmark.json` (every step time) to --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
+
+HARNESSES = ("bare", "recipe", "trainer")
+TRAINER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "grokadamw": "grokadamw", "lomo": "lomo",
+                 "adalomo": "adalomo", "schedule_free_adamw": "schedule_free_adamw",
+                 "schedule_free_sgd": "schedule_free_sgd"}
+PROFILED_STEP = 2  # the step the recipe's --profile_memory measures; the other harnesses measure the same one
+TARGETS = {"recipe/bare time": 1.03, "recipe/bare peak": 1.05, "recipe/trainer time": 1.00}
+# compared step times: the LOMO-family recipe against the optimizer with the same state it stands in for
+PAIRS = (("lomo", "schedule_free_sgd"), ("adalomo", "adafactor"))
+
+
+# --- one run, in its own process -------------------------------------------------------------------------------
+
+class StepClock:
+    """`tick()` at the end of every optimizer step: step times, and the peak memory after the first step."""
+
+    def __init__(self, device):
+        from recipes.core.memory import PeakMemoryMeter
+
+        self.meter, self.ticks, self.peak = PeakMemoryMeter(device), [], None
+
+    def tick(self) -> None:
+        self.ticks.append(time.perf_counter())
+        reading = self.meter.read_and_reset()
+        if len(self.ticks) > 1:
+            self.peak = max(self.peak or 0, reading.get("peak_allocated_gib", reading.get("peak_rss_gib")) * 2**30)
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.ticks, self.ticks[1:])]  # steps 2, 3, ...
+
+
+def recipe_and_config(name: str, args, output_dir: str):
+    from recipes.core.config import parse_config
+
+    recipe = importlib.import_module(f"recipes.{name}").RECIPE
+    return recipe, recipe_argv(args, output_dir), parse_config(recipe, recipe_argv(args, output_dir))
+
+
+def recipe_argv(args, output_dir: str) -> list[str]:
+    argv = ["--model_name_or_path", args.model, "--output_dir", output_dir, "--max_steps", str(args.total_steps),
+            "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--block_size",
+            str(args.block_size), "--logging_steps", "10", "--save_steps", "0", "--report_to", "none"]
+    return argv + (["--bf16", "true"] if args.bf16 else [])
+
+
+def token_blocks(model_dir: str, block_size: int):
+    """The embedded training corpus, tokenized and cut into blocks (as the recipes pack plain text)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from recipes.core.embedded import train_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = [i for doc in train_documents() for i in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
+    usable = len(ids) // block_size * block_size
+    return torch.tensor(ids[:usable]).view(-1, block_size)
+
+
+def start_tracker(model, optimizer):
+    """MemTracker over one step, categorizing as `--profile_memory` does (optimizer state kept outside
+    optimizer.state, such as AdaLomo's moments, included)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from recipes.core.memory import tensors_outside_optimizer_state
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    extra = tensors_outside_optimizer_state(optimizer)
+    if extra:
+        tracker.track_external(*extra)
+    tracker.__enter__()
+    return tracker
+
+
+def tensor_peak(tracker) -> dict:
+    from recipes.core.memory import _categorize
+
+    device, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
+    return {"total": peak.get("Total", 0), **_categorize(peak)}
+
+
+def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    recipe, _, config = recipe_and_config(name, args, output_dir)
+    t = config.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(t.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
+    optimizer = recipe.build(model, config)
+    fused = hasattr(optimizer, "fused_backward")
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
+                              num_training_steps=args.total_steps)
+    if hasattr(optimizer, "train"):
+        optimizer.train()  # schedule-free: parameters at y
+    loader = torch.utils.data.DataLoader(token_blocks(args.model, args.block_size),
+                                         batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    profile = {}
+    step = 0
+    while step < args.total_steps:
+        for batch in loader:
+            step += 1
+            tracker = start_tracker(model, optimizer) if step == PROFILED_STEP else None
+            batch = batch.to(device)
+            with autocast:
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if fused:
+                optimizer.fused_backward(loss, scheduler.get_last_lr()[0])
+            else:
+                loss.backward()
+                if t.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if tracker:
+                tracker.__exit__(None, None, None)
+                profile = tensor_peak(tracker)
+            clock.tick()
+            if step == args.total_steps:
+                break
+    return profile
+
+
+def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
+    from recipes.core.loop import main
+
+    recipe, argv, _ = recipe_and_config(name, args, output_dir)
+    untimed_step = recipe.step
+
+    def timed_step(*step_args, **step_kwargs):
+        grad_norm = untimed_step(*step_args, **step_kwargs)
+        clock.tick()
+        return grad_norm
+
+    recipe.step = timed_step  # once per optimizer step (one micro-batch each here)
+    main(recipe, argv + ["--profile_memory", "true"])  # MemTracker on step 2 (PROFILED_STEP)
+    measured = json.loads((Path(output_dir) / "memory_profile.json").read_text())
+    return {"total": measured["peak_bytes"], **measured["at_peak"]}
+
+
+def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    _, _, config = recipe_and_config(name, args, output_dir)
+    t = config.train
+    profile, tracker = {}, []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, arguments, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step + 1 == PROFILED_STEP:
+                tracker.append(start_tracker(model, optimizer))
+
+        def on_step_end(self, arguments, state, control, **kwargs):
+            if state.global_step == PROFILED_STEP:
+                tracker[0].__exit__(None, None, None)
+                profile.update(tensor_peak(tracker[0]))
+            clock.tick()
+
+    torch.manual_seed(t.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.config.use_cache = False
+    blocks = token_blocks(args.model, args.block_size)
+    training_args = TrainingArguments(
+        output_dir=output_dir, optim=TRAINER_OPTIM[name], learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size, max_steps=args.total_steps, logging_steps=10,
+        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
+        seed=t.seed, use_cpu=not torch.cuda.is_available())
+    Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b, "labels": b} for b in blocks],
+            callbacks=[Clock()]).train()
+    return profile
+
+
+def run_one(args) -> None:
+    """`--run HARNESS OPTIMIZER`: one measurement, written as JSON to --result."""
+    import torch
+
+    harness, name = args.run
+    clock = StepClock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    result = {"harness": harness, "optimizer": name, "tokens_per_step": args.per_device_train_batch_size *
+              args.block_size, "error": None}
+    with tempfile.TemporaryDirectory() as output_dir:
+        try:
+            result["tensor_peak"] = {"bare": run_bare, "recipe": run_recipe, "trainer": run_trainer}[harness](
+                name, args, clock, output_dir)
+        except Exception as error:  # the Trainer cannot run every optimizer everywhere: say why in the table
+            if harness != "trainer":
+                raise
+            result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+    result.update(step_seconds=clock.step_seconds()[args.warmup:], peak_bytes=clock.peak,
+                  peak_kind="max_memory_allocated" if torch.cuda.is_available() else "peak RSS")
+    Path(args.result).write_text(json.dumps(result))
+
+
+# --- the comparison ------------------------------------------------------------------------------------------------
+
+def measure(args, harness: str, name: str, folder: Path) -> dict:
+    result = folder / f"{harness}-{name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run", harness, name, "--result", str(result),
+           "--model", args.model, "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+           "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--bf16"] if args.bf16 else []
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark: {harness} {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def median_step(run: dict) -> float | None:
+    return statistics.median(run["step_seconds"]) if run["step_seconds"] and not run["error"] else None
+
+
+def ratio(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median_step) -> float | None:
+    """Median over rounds of round[a] / round[b] (keys are (harness, optimizer))."""
+    values = [key(r[a]) / key(r[b]) for r in rounds if a in r and b in r and key(r[a]) and key(r[b])]
+    return statistics.median(values) if values else None
+
+
+def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], setup: str) -> tuple[str, dict]:
+    def runs(h, n):
+        return [r[(h, n)] for r in rounds if (h, n) in r]
+
+    def ms(h, n):
+        steps = [s for run in runs(h, n) if not run["error"] for s in run["step_seconds"]]
+        return statistics.median(steps) * 1e3 if steps else None
+
+    def mib(h, n, key):
+        values = [key(run) for run in runs(h, n) if not run["error"] and key(run)]
+        return statistics.median(values) / 2**20 if values else None
+
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    def rss(run):
+        return run["peak_bytes"]
+
+    def tensors(run):
+        return run.get("tensor_peak", {}).get("total")
+
+    summary, lines = {}, []
+    header = ["optimizer"] + [f"{h} ms/step" for h in harnesses]
+    header += ["recipe/bare time", "recipe/trainer time", "recipe tokens/s"]
+    header += [f"{h} peak MiB" for h in harnesses] + ["recipe/bare peak"]
+    header += [f"{h} tensor peak MiB" for h in harnesses]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    notes = []
+    for n in optimizers:
+        row = {f"{h}_ms": ms(h, n) for h in harnesses}
+        row["recipe/bare time"] = ratio(rounds, ("recipe", n), ("bare", n))
+        row["recipe/trainer time"] = ratio(rounds, ("recipe", n), ("trainer", n))
+        row["recipe/bare peak"] = ratio(rounds, ("recipe", n), ("bare", n), key=rss)
+        row.update({f"{h}_peak_mib": mib(h, n, rss) for h in harnesses})
+        row.update({f"{h}_tensor_peak_mib": mib(h, n, tensors) for h in harnesses})
+        tokens = runs("recipe", n)[0]["tokens_per_step"] if runs("recipe", n) else None
+        row["recipe_tokens_per_s"] = tokens / (row["recipe_ms"] / 1e3) if tokens and row.get("recipe_ms") else None
+        errors = {run["error"] for run in runs("trainer", n) if run["error"]}
+        if errors:
+            notes.append(f"- `{n}`: the Trainer (optim=\"{TRAINER_OPTIM[n]}\") cannot run it here: {errors.pop()}")
+        summary[n] = row
+        cells = [f"`{n}`"] + [cell(row[f"{h}_ms"], ".1f") for h in harnesses]
+        cells += [cell(row["recipe/bare time"], ".2f"), cell(row["recipe/trainer time"], ".2f"),
+                  cell(row["recipe_tokens_per_s"], ",.0f")]
+        cells += [cell(row[f"{h}_peak_mib"], ".0f") for h in harnesses] + [cell(row["recipe/bare peak"], ".3f")]
+        cells += [cell(row[f"{h}_tensor_peak_mib"], ".2f") for h in harnesses]
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = {}
+    for a, b in PAIRS:
+        for h in harnesses:
+            value = ratio(rounds, (h, a), (h, b))
+            if value is not None:
+                pairs[f"{h}: {a}/{b}"] = value
+    if pairs:
+        notes.append("- step time ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items()))
+    targets = []
+    for n, row in summary.items():
+        for key, limit in TARGETS.items():
+            if row.get(key) is not None:
+                targets.append((n, key, row[key], limit, row[key] <= limit))
+    missed = [f"`{n}` {key} {value:.3f} > {limit}" for n, key, value, limit, met in targets if not met]
+    notes.append(f"- targets (recipe/bare <= 1.03 time, <= 1.05 peak; recipe/trainer <= 1.00 time): "
+                 f"{len(targets) - len(missed)} of {len(targets)} met" + (f"; missed: {', '.join(missed)}"
+                                                                            if missed else ""))
+    text = setup + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return text, {"setup": setup, "optimizers": summary, "pairs": pairs,
+                  "targets": [dict(zip(("optimizer", "ratio", "value", "limit", "met"), t)) for t in targets]}
+
+
+def hardware() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    return f"CPU: {cpu}, {os.cpu_count()} cores"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--model_name_or_path", default=None, help="a local model folder; default the embedded model")
+    parser.add_argument("--sizes", default="", help="the embedded model at other sizes, e.g. num_hidden_layers=32")
+    parser.add_argument("--optimizers", default=",".join(TRAINER_OPTIM))
+    parser.add_argument("--harnesses", default=",".join(HARNESSES))
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="steps not timed (must cover step 2, the profiled one)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every harness (--bf16 true for recipes)")
+    parser.add_argument("--run", nargs=2, metavar=("HARNESS", "OPTIMIZER"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    optimizers, harnesses = args.optimizers.split(","), args.harnesses.split(",")
+    unknown = [n for n in optimizers if n not in TRAINER_OPTIM] + [h for h in harnesses if h not in HARNESSES]
+    if unknown:
+        parser.error(f"unknown optimizer or harness: {', '.join(unknown)}; optimizers: {', '.join(TRAINER_OPTIM)}; "
+                     f"harnesses: {', '.join(HARNESSES)}")
+    if args.warmup < PROFILED_STEP - 1:
+        parser.error(f"--warmup {args.warmup} would time step {PROFILED_STEP}, which runs under MemTracker; use 1+")
+    args.total_steps = 1 + args.warmup + args.steps  # step times start at step 2
+    if args.run:
+        return run_one(args)
+    if not args.output_dir:
+        parser.error("--output_dir is required")
+
+    from recipes.core.embedded import write_scaled_model
+    from recipes.core.memory_estimate import meta_model
+
+    folder = Path(args.output_dir)
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    if args.model_name_or_path:
+        args.model = args.model_name_or_path
+    else:  # a saved copy of the embedded architecture (seeded), so that every harness loads the same weights
+        overrides = dict(item.split("=") for item in args.sizes.split(",") if item)
+        args.model = str(write_scaled_model(folder / "model", **overrides))
+    params = sum(p.numel() for p in meta_model(args.model).parameters())
+    tensors = len(list(meta_model(args.model).parameters()))
+    setup = (f"{args.model_name_or_path or 'the embedded Llama' + (f' ({args.sizes})' if args.sizes else '')}: "
+             f"{params / 1e6:.2f}M parameters in {tensors} tensors, micro-batch {args.per_device_train_batch_size} x "
+             f"{args.block_size} tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, one process; {hardware()}; "
+             f"{args.rounds} rounds of {args.steps} timed steps after {args.warmup + 1} warm-up steps; "
+             f"`python launch/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    rounds = []
+    for r in range(args.rounds):
+        order = harnesses[r % len(harnesses):] + harnesses[:r % len(harnesses)]
+        rounds.append({})
+        for name in optimizers:
+            for harness in order:
+                run = measure(args, harness, name, folder / "runs")
+                rounds[-1][(harness, name)] = run
+                shown = f"{median_step(run) * 1e3:.1f} ms/step" if median_step(run) else run["error"]
+                print(f"round {r + 1}/{args.rounds} {harness:7} {name:20} {shown}", flush=True)
+    text, summary = summarize(rounds, optimizers, harnesses, setup)
+    (folder / "benchmark.md").write_text(text)
+    (folder / "benchmark.json").write_text(json.dumps(
+        {**summary, "runs": [[run for run in r.values()] for r in rounds]}, indent=1) + "\n")
+    print(text)
+    print(f"wrote {folder / 'benchmark.md'} and {folder / 'benchmark.json'}")
+
+
+if __name__ == "__main__":
+    main()

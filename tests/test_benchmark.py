@@ -1,0 +1,43 @@
+"""launch/benchmark.py, reduced (one round, a few steps, all three harnesses), so that it cannot rot. No timing is
+asserted: the machine is shared; the README's figures come from the full command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, offline_env
+
+
+def test_reduced_benchmark_measures_every_harness_and_says_why_one_cannot_run(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out),
+                           "--optimizers", "lomo,adalomo", "--rounds", "1", "--steps", "3", "--warmup", "1"],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "benchmark.json").read_text())
+    runs = {(run["harness"], run["optimizer"]): run for run in report["runs"][0]}
+    trainer_runs_adalomo = torch.cuda.is_available()  # lomo-optim's AdaLomo allocates with .cuda()
+    for (harness, name), run in runs.items():
+        if harness == "trainer" and name == "adalomo" and not trainer_runs_adalomo:
+            assert "CUDA" in run["error"] and run["step_seconds"] == []
+            continue
+        assert run["error"] is None and len(run["step_seconds"]) == 3 and all(s > 0 for s in run["step_seconds"])
+        assert run["peak_bytes"] > 0 and run["tensor_peak"]["parameters"] > 0
+    assert len(runs) == 6
+    # the same model and batch: the recipe's tensors peak where the bare loop's do (MemTracker, step 2)
+    for name in ("lomo", "adalomo"):
+        bare, recipe = runs[("bare", name)]["tensor_peak"], runs[("recipe", name)]["tensor_peak"]
+        assert recipe["total"] == pytest.approx(bare["total"], rel=0.05)
+        assert recipe["optimizer_state"] == bare["optimizer_state"]
+
+    table = (out / "benchmark.md").read_text()
+    assert "| `lomo` |" in table and "| `adalomo` |" in table and "recipe/bare time" in table
+    assert "one process; CPU" in table or "CUDA" in table  # the hardware is named
+    if not trainer_runs_adalomo:
+        assert "`adalomo`: the Trainer (optim=\"adalomo\") cannot run it here: AssertionError" in table
+    assert "targets (recipe/bare <= 1.03 time" in table and report["targets"]
