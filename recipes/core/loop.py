@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from recipes.core import embedded
-from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, refuse_unconnected_processes
+from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
 from recipes.core.chat_masks import IGNORE_INDEX, use_chat_template_file
 from recipes.core.checkpoint import (TrainerState, checkpoints_in, continue_schedule, load_checkpoint,
                                      resolve_checkpoint, resume_settings, save_checkpoint)
@@ -88,6 +88,7 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
         kwargs_handlers=handlers,
     )
     keep_fsdp_on_cpu(accelerator)
+    look_up_lomo_once()
     refuse_unconnected_processes(accelerator)
     if accelerator.state.deepspeed_plugin is not None:
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
