@@ -55,7 +55,8 @@ def one_process_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("recipe, config", smoke(WORKING, ("lomo", "multi_gpu.yaml")))
+@pytest.mark.parametrize("recipe, config", smoke(WORKING, ("lomo", "multi_gpu.yaml"),
+                                                 ("schedule_free_adamw", "multi_gpu.yaml")))
 def test_working_cell(recipe, config, tmp_path, one_process_runs):
     out = tmp_path / "out"
     launch_two_processes(recipe, config, *STEPS, "--per_device_train_batch_size", "4", "--output_dir", str(out))

@@ -47,6 +47,7 @@ def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fr
     assert evaluate(model, eval_loader, accelerator)["eval_loss"] == pytest.approx(reported, rel=1e-5)
 
 
+@pytest.mark.smoke
 def test_default_run_needs_no_flags(tmp_path):
     """`accelerate launch recipes/adalomo.py` with nothing else: trains on the embedded default into runs/adalomo."""
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
