@@ -56,8 +56,9 @@ def run_here(recipe: str, *args: str, check: bool = True) -> subprocess.Complete
     script calls with its command line), with stdout and stderr captured as a launch's are.
 
     For tests of what the loop does with one process, where a launch would add ~10 s of start-up (the launcher,
-    then torch and transformers imported again) and test nothing more: launching every recipe with every config
-    file is tested by the launches in test_distributed.py, test_recipes_train.py and test_launchers.py. One
+    then torch and transformers imported again) and test nothing more: launching every recipe under every
+    distributed config file is tested by the launches in test_distributed.py, the no-flag run and the plain script
+    in test_recipes_train.py. One
     thread, as in a launch (OMP_NUM_THREADS=1), so a run here and a launched run give bit-identical numbers."""
     import torch
 

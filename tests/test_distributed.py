@@ -47,9 +47,10 @@ def launch_two_processes(recipe: str, config: str, *args: str, check: bool = Tru
 
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory):
-    """The 1-process reference run of a recipe (global batch 8), launched once per test session."""
+    """The 1-process reference run of a recipe (global batch 8), run once per test session, in-process (one thread,
+    as a launched process: the same numbers)."""
     def run(recipe: str):
-        return shared_output(tmp_path_factory, f"one-process-{recipe}", lambda out: launch(
+        return shared_output(tmp_path_factory, f"one-process-{recipe}", lambda out: run_here(
             recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out)))
 
     return run
