@@ -94,26 +94,19 @@ def token_blocks(model_dir: str, block_size: int):
 
 
 def start_tracker(model, optimizer):
-    """MemTracker over one step, categorizing as `--profile_memory` does (optimizer state kept outside
-    optimizer.state, such as AdaLomo's moments, included)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    """MemTracker over one step, entered here, categorizing as `--profile_memory` does."""
+    from recipes.core.memory import memory_tracker
 
-    from recipes.core.memory import tensors_outside_optimizer_state
-
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    extra = tensors_outside_optimizer_state(optimizer)
-    if extra:
-        tracker.track_external(*extra)
+    tracker = memory_tracker(model, optimizer)
     tracker.__enter__()
     return tracker
 
 
 def tensor_peak(tracker) -> dict:
-    from recipes.core.memory import _categorize
+    from recipes.core.memory import categorize
 
     device, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
-    return {"total": peak.get("Total", 0), **_categorize(peak)}
+    return {"total": peak.get("Total", 0), **categorize(peak)}
 
 
 def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:

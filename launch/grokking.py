@@ -2,6 +2,7 @@
 
     python launch/grokking.py --output_dir runs/grokking            # the full comparison (32 min, 2 CPU cores)
     python launch/grokking.py --output_dir runs/grokking-quick --quick   # about a minute: checks that it all runs
+    python launch/grokking.py --output_dir docs/grokking --replot        # the plot again, from results.json
 
 Data: every pair (a, b) with 0 <= a, b < p as the prompt "a + b =" and the answer (a + b) mod p (or a*b, a-b with
 --operation), one token each (a word-level tokenizer of the p numbers, the operation sign and "="); a seeded
@@ -221,6 +222,8 @@ def parse_args(argv=None):
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--data_seed", type=int, default=0, help="the train/validation split")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once, one thread each")
+    parser.add_argument("--replot", action="store_true",
+                        help="no training: draw accuracy.png again from --output_dir's results.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.p, args.seeds, args.weight_decays, args.max_steps, args.eval_steps = 31, [0], [1.0], 150, 25
@@ -232,9 +235,24 @@ def parse_args(argv=None):
     return args
 
 
+def replot(out: Path, args) -> None:
+    """accuracy.png from a finished comparison's results.json (its settings and every run's curves)."""
+    results = json.loads((out / "results.json").read_text())
+    for key in ("p", "operation", "train_fraction", "target"):
+        setattr(args, key, results["settings"][key])
+    names = list(dict.fromkeys(r["setting"] for r in results["runs"]))
+    plot({n: [r for r in results["runs"] if r["setting"] == n] for n in names}, args, out / "accuracy.png")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir)
+    if args.replot:
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"grokking: --replot: no results.json in {out}; run the comparison first")
+        replot(out, args)
+        print(f"wrote {out / 'accuracy.png'}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     sizes = write_data(out / "data", args.p, args.operation, args.train_fraction, args.data_seed)
     for seed in args.seeds:

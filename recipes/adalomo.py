@@ -19,7 +19,7 @@ sharded parameters never reach the fused update's hooks), fp16 mixed precision (
 
 from recipes.core.lomo_updates import LinearTimeAdaLomo
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel, numel
+from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel, largest_numel
 
 
 class AdaLomoRecipe(FusedBackwardRecipe):
@@ -34,7 +34,7 @@ class AdaLomoRecipe(FusedBackwardRecipe):
     def update_bytes(self, shapes, element_bytes):
         # the largest parameter's fp32 gradient (a copy for 16-bit weights) and update, or update and weights
         # (measured: tests/test_lomo_updates.py); a 16-bit gradient is freed once upcast
-        return max(numel(s) for s in shapes) * (8 - element_bytes)
+        return largest_numel(shapes) * (8 - element_bytes)
 
     def build_fused(self, model, config):
         t, o = config.train, config.optim

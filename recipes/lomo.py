@@ -19,7 +19,7 @@ sharded parameters never reach the fused update's hooks), fp16 mixed precision (
 
 from recipes.core import lomo_updates
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe, numel
+from recipes.core.optimizer_recipe import FusedBackwardRecipe, largest_numel
 
 
 class LomoRecipe(FusedBackwardRecipe):
@@ -33,7 +33,7 @@ class LomoRecipe(FusedBackwardRecipe):
 
     def update_bytes(self, shapes, element_bytes):
         # a 16-bit gradient and parameter are upcast to fp32 a chunk at a time (measured: tests/test_lomo_updates.py)
-        return 0 if element_bytes == 4 else 8 * min(max(numel(s) for s in shapes), lomo_updates.UPDATE_CHUNK)
+        return 0 if element_bytes == 4 else 8 * min(largest_numel(shapes), lomo_updates.UPDATE_CHUNK)
 
     def build_fused(self, model, config):
         t, o = config.train, config.optim

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -104,3 +105,18 @@ def test_quick_comparison_writes_the_report_the_json_and_the_plot(tmp_path):
     assert summary["adamw (weight decay 1)"]["steps_to_train_target"][0] is not None  # half the pairs: it fits them
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert proc.stdout.endswith(report)
+
+
+def test_the_committed_comparison_replots_from_its_results(tmp_path):
+    """docs/grokking keeps report.md and results.json; --replot draws accuracy.png from them (no training)."""
+    out = tmp_path / "grokking"
+    out.mkdir()
+    shutil.copy(REPO / "docs" / "grokking" / "results.json", out)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "grokking.py"), "--output_dir", str(out), "--replot"],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(out / "accuracy.png") as image:
+        assert image.size[0] > 600 and image.size[1] > 300
+    assert not (out / "data").exists()  # nothing was trained

@@ -80,6 +80,19 @@ def tensors_outside_optimizer_state(optimizer) -> list[torch.Tensor]:
     return list(found.values())
 
 
+def memory_tracker(model, optimizer):
+    """torch's MemTracker over the model and the optimizer, with the optimizer state upstream keeps outside
+    `optimizer.state` (AdaLomo's moments) tracked too, so that it counts as optimizer state."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, unwrap_optimizer(optimizer))
+    extra = tensors_outside_optimizer_state(optimizer)
+    if extra:
+        tracker.track_external(*extra)
+    return tracker
+
+
 class StepMemoryProfile:
     """Profiles the optimizer step numbered `step` (its last micro-batch, which carries the update)."""
 
@@ -94,13 +107,7 @@ class StepMemoryProfile:
 
     @contextlib.contextmanager
     def _tracked(self):
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        tracker = MemTracker()
-        tracker.track_external(self.model, unwrap_optimizer(self.optimizer))
-        extra = tensors_outside_optimizer_state(self.optimizer)
-        if extra:
-            tracker.track_external(*extra)
+        tracker = memory_tracker(self.model, self.optimizer)
         with tracker:
             yield
             held = tracker.get_tracker_snapshot("current")  # what outlives the step: parameters, state, ...
@@ -118,25 +125,25 @@ def summarize(tracker, model, step: int, held: dict) -> dict:
     still count in the peak.
     """
     device, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
-    at_peak = _categorize(peak)
+    at_peak = categorize(peak)
     largest = dict.fromkeys(CATEGORIES, 0)
     for stats in tracker.memory_tracking.values():
         for snapshots in stats.snapshots.values():
             for snapshot in snapshots:
-                for cat, value in _categorize(snapshot.get(device, {})).items():
+                for cat, value in categorize(snapshot.get(device, {})).items():
                     largest[cat] = max(largest[cat], value)
     for cat, value in at_peak.items():
         largest[cat] = max(largest[cat], value)
     root = tracker.memory_tracking.get(model)
     by_state = {getattr(k, "value", k): v for k, v in root.snapshots.items()} if root else {}
-    after_forward = _categorize(by_state["Post-Forward"][-1].get(device, {})) if "Post-Forward" in by_state else {}
-    breakdown = dict(largest, optimizer_state=_categorize(held.get(device, {}))["optimizer_state"])
+    after_forward = categorize(by_state["Post-Forward"][-1].get(device, {})) if "Post-Forward" in by_state else {}
+    breakdown = dict(largest, optimizer_state=categorize(held.get(device, {}))["optimizer_state"])
     return {"step": step, "device": str(device), "peak_bytes": peak.get("Total", sum(at_peak.values())),
             "breakdown": breakdown, "at_peak": at_peak, "largest": largest,
             "activations_after_forward": after_forward.get("activations", 0)}
 
 
-def _categorize(snapshot: dict) -> dict[str, int]:
+def categorize(snapshot: dict) -> dict[str, int]:
     out = dict.fromkeys(CATEGORIES, 0)
     for key, value in snapshot.items():
         key = getattr(key, "value", key)

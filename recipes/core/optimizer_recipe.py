@@ -36,6 +36,10 @@ def numel(shape: tuple[int, ...]) -> int:
     return torch.Size(shape).numel()
 
 
+def largest_numel(shapes: list[tuple[int, ...]]) -> int:
+    return max(numel(s) for s in shapes)
+
+
 def factored_numel(shape: tuple[int, ...]) -> int:
     """Elements of an Adafactor-style second moment: a row and a column for a matrix, the whole of a vector."""
     if len(shape) < 2:
@@ -170,6 +174,7 @@ class FusedBackwardRecipe(OptimizerRecipe):
     """
 
     keeps_master_weights = False  # updates the weights in their own dtype, in backward
+    gradients_partitioned_by_zero = False  # one parameter's whole gradient at a time, all-reduced under ZeRO-3
     default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
     default_lr_scheduler_type = "linear"
 
@@ -191,10 +196,8 @@ class FusedBackwardRecipe(OptimizerRecipe):
         average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
         return self.build_fused(model, config)
 
-    gradients_partitioned_by_zero = False  # one parameter's whole gradient at a time, all-reduced under ZeRO-3
-
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
-        return max(numel(s) for s in shapes) * element_bytes  # one parameter's gradient at a time
+        return largest_numel(shapes) * element_bytes  # one parameter's gradient at a time
 
     def refuse(self, config: Config) -> Optional[str]:
         launch = config.launch
