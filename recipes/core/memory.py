@@ -1,14 +1,15 @@
 """Where memory goes during training, measured.
 
-- `PeakMemoryMeter`: the peak since the last log point, for every log line (cheap: two counters read and reset).
+- `PeakMemoryMeter`: the peak since the last log point, for every log line (cheap: two counters read and reset),
+  and the whole run's peak with the phase that set it (loading, training, evaluation, saving), in results.json.
   CUDA: max_memory_allocated / max_memory_reserved. CPU: the process's peak RSS (Linux VmHWM, reset through
   /proc/self/clear_refs; elsewhere the lifetime peak from getrusage).
 - `CudaMemoryHistory` (`--memory_snapshot_steps A-B`, CUDA only): records allocation history over those steps and
   dumps memory_snapshot.pickle (open it at pytorch.org/memory_viz); on a CUDA out-of-memory error it dumps
   oom_snapshot.pickle before the error is re-raised.
-- `StepMemoryProfile` (`--profile_memory`): one training step under torch's MemTracker, on any device, broken down
-  into parameters, gradients, optimizer state, activations and temporaries; written to output_dir as
-  memory_profile.json and memory_profile.md. Disabled, it is a do-nothing context.
+- `MemoryProfile` (`--profile_memory`): one training step, then the final evaluation, under torch's MemTracker, on
+  any device, broken down into parameters, gradients, optimizer state, activations and temporaries; written to
+  output_dir as memory_profile.json and memory_profile.md. Disabled, it is a do-nothing context.
 """
 
 from __future__ import annotations
@@ -33,18 +34,59 @@ _FROM_MEMTRACKER = {"Parameter": "parameters", "Buffer": "parameters", "Gradient
 
 
 class PeakMemoryMeter:
+    """This process's peak memory: since the last log point (`read_and_reset`), and over the whole run with the phase
+    that set it (`run_peak`). Each reading resets the counters and is credited to the phase that was running:
+    loading (from the meter's creation), training, evaluation, saving."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.read_and_reset()
+        self._phase = "loading"
+        self._since_log: dict[str, float] = {}
+        self._run: dict[str, float] = {}
+        self._run_phase = self._phase
+        self._counters_read_and_reset()  # what came before the meter is not the run's
 
-    def read_and_reset(self) -> dict[str, float]:
+    def _counters_read_and_reset(self) -> dict[str, float]:
         if self.cuda:
             peaks = {"peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
                      "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB}
             torch.cuda.reset_peak_memory_stats(self.device)
             return peaks
         return {"peak_rss_gib": _peak_rss_bytes_and_reset() / GIB}
+
+    def end_phase(self, next_phase: str) -> None:
+        """Credit the peak since the last reading to the phase now ending, and start `next_phase`."""
+        peaks = self._counters_read_and_reset()
+        for key, value in peaks.items():
+            self._since_log[key] = max(self._since_log.get(key, 0.0), value)
+        first = next(iter(peaks))  # peak_allocated_gib on CUDA, peak_rss_gib on a CPU: what sets the phase
+        if peaks[first] > self._run.get(first, -1.0):
+            self._run_phase = self._phase
+        for key, value in peaks.items():
+            self._run[key] = max(self._run.get(key, 0.0), value)
+        self._phase = next_phase
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Everything inside is credited to `name`; afterwards the phase before it resumes."""
+        resumed = self._phase
+        self.end_phase(name)
+        try:
+            yield
+        finally:
+            self.end_phase(resumed)
+
+    def read_and_reset(self) -> dict[str, float]:
+        """The peak since the previous call (whatever phases ran in between)."""
+        self.end_phase(self._phase)
+        peaks, self._since_log = self._since_log, {}
+        return peaks
+
+    def run_peak(self) -> dict:
+        """The whole run's peak so far, e.g. {"run_peak_rss_gib": 1.9, "run_peak_phase": "training"}."""
+        self.end_phase(self._phase)
+        return {f"run_{key}": value for key, value in self._run.items()} | {"run_peak_phase": self._run_phase}
 
 
 def _peak_rss_bytes_and_reset() -> int:
@@ -93,8 +135,9 @@ def memory_tracker(model, optimizer):
     return tracker
 
 
-class StepMemoryProfile:
-    """Profiles the optimizer step numbered `step` (its last micro-batch, which carries the update)."""
+class MemoryProfile:
+    """Profiles the optimizer step numbered `step` (its last micro-batch, which carries the update) and the final
+    evaluation; disabled (`step` None), both are do-nothing contexts."""
 
     def __init__(self, output_dir: Path, model, optimizer, step: int | None, write: bool = True):
         self.output_dir, self.model, self.optimizer, self.step, self.write = output_dir, model, optimizer, step, write
@@ -112,6 +155,24 @@ class StepMemoryProfile:
             yield
             held = tracker.get_tracker_snapshot("current")  # what outlives the step: parameters, state, ...
         self.result = summarize(tracker, self.model, self.step, held)
+        self._write()
+
+    @contextlib.contextmanager
+    def measure_evaluation(self):
+        """The final evaluation's tensor peak by category, beside the step's (it runs once the step was profiled)."""
+        if self.result is None:
+            yield
+            return
+        tracker = memory_tracker(self.model, self.optimizer)
+        with tracker:
+            yield
+        _, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
+        at_peak = categorize(peak)
+        self.result["evaluation"] = {"peak_bytes": peak.get("Total", sum(at_peak.values())), "at_peak": at_peak}
+        self.result["run_peak_bytes"] = max(self.result["peak_bytes"], self.result["evaluation"]["peak_bytes"])
+        self._write()
+
+    def _write(self) -> None:
         if self.write:
             write_profile(self.output_dir, self.result)
 
@@ -154,11 +215,16 @@ def categorize(snapshot: dict) -> dict[str, int]:
 
 def write_profile(output_dir: Path, result: dict) -> None:
     (output_dir / "memory_profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    evaluation = result.get("evaluation")
     lines = [f"# Memory of training step {result['step']} on {result['device']}", "",
-             "| category | at the step's peak (MiB) | largest during the step (MiB) |", "|---|---:|---:|"]
+             "| category | at the step's peak (MiB) | largest during the step (MiB) |"
+             + (" at the evaluation's peak (MiB) |" if evaluation else ""),
+             "|---|---:|---:|" + ("---:|" if evaluation else "")]
     for cat in CATEGORIES:
-        lines.append(f"| {cat} | {result['at_peak'][cat] / 2**20:.2f} | {result['breakdown'][cat] / 2**20:.2f} |")
-    lines.append(f"| **total at peak** | **{result['peak_bytes'] / 2**20:.2f}** | |")
+        lines.append(f"| {cat} | {result['at_peak'][cat] / 2**20:.2f} | {result['breakdown'][cat] / 2**20:.2f} |"
+                     + (f" {evaluation['at_peak'][cat] / 2**20:.2f} |" if evaluation else ""))
+    lines.append(f"| **total at peak** | **{result['peak_bytes'] / 2**20:.2f}** | |"
+                 + (f" **{evaluation['peak_bytes'] / 2**20:.2f}** |" if evaluation else ""))
     lines += ["", "Optimizer state in the second column is what the optimizer holds after the step; buffers it makes "
               "and frees inside step() count in the first column."]
     (output_dir / "memory_profile.md").write_text("\n".join(lines) + "\n")

@@ -14,28 +14,19 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from recipes.core.chat_masks import IGNORE_INDEX
 from recipes.core.memory import PeakMemoryMeter
 
 BAR_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "peak_allocated_gib", "peak_rss_gib")
 
 
-@torch.no_grad()
-def predicted_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(correctly predicted, trained) next tokens of a batch: argmax of each position's logits against its label,
-    over the positions the loss is on. Computed before backward, so the logits need not outlive the forward."""
-    targets = labels[:, 1:]
-    trained = targets != IGNORE_INDEX
-    correct = (logits[:, :-1].argmax(dim=-1) == targets) & trained
-    return torch.stack([correct.sum(), trained.sum()])
-
-
 class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0,
                  tokens_seen: tuple[int, int] = (0, 0), loss_since_evaluation: list | None = None,
-                 flops_per_token: float | None = None, peak_flops: float | None = None):
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 memory: PeakMemoryMeter | None = None):
         """A resumed run (first_step > 0) appends to metrics.jsonl; a fresh one starts it anew. `tokens_seen`: the
-        (input, trained) tokens of the steps before first_step. MFU is logged where `peak_flops` is known."""
+        (input, trained) tokens of the steps before first_step. MFU is logged where `peak_flops` is known. `memory`:
+        the run's meter (a new one if not given), read at every log point."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.is_main, desc="training",
@@ -54,11 +45,12 @@ class TrainingMetrics:
         self._first_step = first_step
         self._mfu_per_token_per_s = flops_per_token / (peak_flops * accelerator.num_processes) if peak_flops else None
         self.mfu_values: list[float] = []
-        self.memory = PeakMemoryMeter(accelerator.device)
+        self.memory = memory or PeakMemoryMeter(accelerator.device)
 
     def add_step(self, loss_sum: torch.Tensor, token_counts: torch.Tensor,
                  predictions: torch.Tensor | None = None) -> None:
-        """One optimizer step: its loss (mean over micro-batches, this process), this process's (input, trained)
+        """One optimizer step: its loss (this process's part of the mean over the step's trained tokens, times the
+        process count: the mean over processes is the step's loss), this process's (input, trained)
         token counts and (correct, trained) next-token predictions, summed over its micro-batches; all stay on the
         device until the next log point."""
         self._loss_sum += loss_sum

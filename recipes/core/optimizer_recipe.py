@@ -127,11 +127,13 @@ class OptimizerRecipe:
         return accelerator.get_state_dict(model)
 
     def micro_step_context(self, accelerator: Accelerator, model):
-        """Wraps forward + backward (+ step) of one micro-batch: accelerate's gradient accumulation and DDP sync."""
-        return accelerator.accumulate(model)
+        """Wraps forward + backward (+ step) of one micro-batch. `accelerator.sync_gradients` says whether it is the
+        step's last: gradients are synchronised across processes only then."""
+        return contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model)
 
     def backward(self, accelerator: Accelerator, model, optimizer, loss: torch.Tensor, lr: float) -> None:
-        accelerator.backward(loss)
+        """`loss`: this micro-batch's share of the step's loss (the shares of a step add up to it)."""
+        accelerator.backward(loss * accelerator.gradient_accumulation_steps)  # accelerate (and DeepSpeed) divide it
 
     def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:
         """Clip (at accumulation boundaries), step and zero the gradients; return the pre-clip norm if measured."""

@@ -1,8 +1,10 @@
-"""Model, tokenizer and data sources, resolved before anything heavy loads: one line for each problem.
+"""Model, tokenizer and data sources: resolved before anything heavy loads (one line for each problem), then loaded.
 
+A model source is the embedded default (no flag), a local folder or hub id (`from_pretrained`), or a local GGUF
+file (`recipes/core/gguf_source.py`: dequantized to --dtype, its tokenizer and chat template from the file).
 The commonest first-run mistakes (a mistyped local folder, a hub id that is not in the cache of an offline node, a
-data set configuration that does not exist) otherwise end in chained tracebacks after the data was tokenized.
-Resolving costs a config file or a data set's metadata, never weights or data.
+data set configuration that does not exist, a file that is not GGUF) otherwise end in chained tracebacks after the
+data was tokenized. Resolving costs a config file, a GGUF header or a data set's metadata, never weights or data.
 """
 
 from __future__ import annotations
@@ -10,16 +12,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from recipes.core import embedded, gguf_source
+from recipes.core.chat_masks import use_chat_template_file
 from recipes.core.config import Config, ConfigError, data_file_builder
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 _OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def check_sources(config: Config) -> None:
     m, d = config.model, config.data
-    if m.model_name_or_path:
+    if gguf_source.is_gguf(m.model_name_or_path):
+        gguf_source.check_file("--model_name_or_path", m.model_name_or_path)
+    elif m.model_name_or_path:
         _check_model_files("--model_name_or_path", m.model_name_or_path, ("config.json",), m.trust_remote_code)
-    if m.tokenizer_name:
+    if gguf_source.is_gguf(m.tokenizer_name):
+        gguf_source.check_file("--tokenizer_name", m.tokenizer_name)
+    elif m.tokenizer_name:
         _check_model_files("--tokenizer_name", m.tokenizer_name, ("tokenizer_config.json", "tokenizer.json"),
                            m.trust_remote_code)
     if d.dataset_name and data_file_builder(d.dataset_name) is None:
@@ -46,8 +59,6 @@ def _check_model_files(flag: str, value: str, any_of: tuple[str, ...], trust_rem
     if path.exists() or _looks_local(value):
         raise ConfigError(f"{flag} {value}: no such folder ({path.resolve()} does not exist); check the path, or give "
                           "a hub id such as Qwen/Qwen2.5-0.5B")
-    from transformers import AutoConfig, AutoTokenizer
-
     try:
         if flag == "--tokenizer_name":
             AutoTokenizer.from_pretrained(value, trust_remote_code=trust_remote_code)
@@ -84,3 +95,35 @@ def _hub_message(flag: str, value: str, error: Exception, download: str) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"{flag} {value}: could not be loaded ({first}); check the id on huggingface.co (a private or gated "
             "repo needs `hf auth login`), or give a local path")
+
+
+def load_tokenizer(config: Config):
+    """The model's tokenizer (or --tokenizer_name's), with --chat_template's template if given."""
+    m = config.model
+    source = m.tokenizer_name or m.model_name_or_path or str(embedded.EMBEDDED_DIR)
+    if gguf_source.is_gguf(source):
+        tokenizer = gguf_source.load_tokenizer(source)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+    use_chat_template_file(tokenizer, config.data.chat_template)
+    return tokenizer
+
+
+def load_model_config(config: Config):
+    m = config.model
+    if gguf_source.is_gguf(m.model_name_or_path):
+        return gguf_source.load_config(m.model_name_or_path)
+    return AutoConfig.from_pretrained(m.model_name_or_path or str(embedded.EMBEDDED_DIR),
+                                      trust_remote_code=m.trust_remote_code)
+
+
+def load_model(config: Config, model_config):
+    m = config.model
+    if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded
+        # Built from its class, not from_config: outside DeepSpeed's zero.Init, so the same init under every setup.
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
+    dtype = DTYPES[m.dtype]
+    if gguf_source.is_gguf(m.model_name_or_path):
+        return gguf_source.load_model(m.model_name_or_path, torch.float32 if dtype == "auto" else dtype)
+    return AutoModelForCausalLM.from_pretrained(m.model_name_or_path, dtype=dtype,
+                                                trust_remote_code=m.trust_remote_code)

@@ -1,0 +1,158 @@
+"""The loss: one mean over each step's trained tokens however the batch is split, and logits never whole.
+
+Answers of one word or of 24-40 words make the split visible: with a mean per micro-batch (what `outputs.loss` is),
+a one-word answer weighs as much as a forty-word one, and batch 4, batch 1 x 4 accumulated and 2 processes x 2 end
+in different weights (measured before this loss: 0.90 and 0.35 of what training moved them).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from recipes.core.embedded import _NAMES, _PLACES, _VERBS, generate_corpus
+from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss
+from tests.conftest import (assert_same_weights, launch, read_metrics, results, run_here, shared_output,
+                            train_losses)
+
+# 8 steps of 4 rows at a constant lr, one example per row
+FLAGS = ["--max_steps", "8", "--logging_steps", "1", "--lr_scheduler_type", "constant", "--packing", "false",
+         "--save_steps", "0"]
+
+
+def uneven_answers(count: int, seed: int) -> list[dict]:
+    """Chat rows whose answers are one word or 24-40 words, in random order."""
+    rng = random.Random(seed)
+    words = " ".join(generate_corpus(50, seed)).replace(".", "").replace(",", "").split()
+    rows = []
+    for _ in range(count):
+        length = 1 if rng.random() < 0.5 else rng.randint(24, 40)
+        question = f"where does {rng.choice(_NAMES)} {rng.choice(_VERBS).removesuffix('s')} near {rng.choice(_PLACES)}?"
+        answer = " ".join(rng.choice(words) for _ in range(length))
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uneven_chat(tmp_path_factory):
+    def write(out):
+        (out / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uneven_answers(80, seed=3)))
+
+    return shared_output(tmp_path_factory, "uneven-chat", write) / "chat.jsonl"
+
+
+def two_processes(recipe: str, config: str, out, *args: str):
+    env = {"ACCELERATE_USE_CPU": "1"} if config == "multi_gpu.yaml" else {}
+    launch(recipe, *args, "--output_dir", str(out), config=config, env=env)
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["num_processes"] == 2
+
+
+def test_adamw_ends_with_the_same_weights_however_a_step_is_split(uneven_chat, tmp_path):
+    data = ["--dataset_name", str(uneven_chat), *FLAGS]
+    whole, accumulated, ddp, zero2 = (tmp_path / name for name in ("whole", "accumulated", "ddp", "zero2"))
+    run_here("adamw", *data, "--per_device_train_batch_size", "4", "--output_dir", str(whole))
+    run_here("adamw", *data, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+             "--output_dir", str(accumulated))
+    two_processes("adamw", "multi_gpu.yaml", ddp, *data, "--per_device_train_batch_size", "2")
+    two_processes("adamw", "zero2.yaml", zero2, *data, "--per_device_train_batch_size", "1",
+                  "--gradient_accumulation_steps", "2")
+
+    train = yaml.safe_load((whole / "run_config.yaml").read_text())["data_summary"]["splits"]["train"]
+    assert 0.1 < train["trained_tokens"] / train["tokens"] < 0.9  # answers only: the prompts are in, not trained
+    for other in (accumulated, ddp, zero2):
+        assert_same_weights(other, whole)
+        # the logged loss is the same token mean, step by step
+        assert train_losses(other) == pytest.approx(train_losses(whole), rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["lomo", "adalomo"])
+def test_fused_updates_use_the_same_token_mean_across_processes(recipe, uneven_chat, tmp_path):
+    data = ["--dataset_name", str(uneven_chat), *FLAGS]
+    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    run_here(recipe, *data, "--per_device_train_batch_size", "4", "--output_dir", str(one))
+    two_processes(recipe, "multi_gpu.yaml", ddp, *data, "--per_device_train_batch_size", "2")
+    assert_same_weights(ddp, one)
+    assert train_losses(ddp) == pytest.approx(train_losses(one), rel=1e-5)
+
+
+def _losses_and_gradients(model, loss_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    rows = loss_fn(model, batch)
+    rows.loss_sums.sum().backward()
+    return rows, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def uneven_batch(vocab_size: int) -> dict:
+    ids = torch.randint(0, vocab_size, (2, 200), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :70] = -100  # a prompt, then the answer
+    labels[1, 150:] = -100  # an answer, then padding
+    return {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("model_kind", ["embedded", "real"])
+def test_chunked_loss_and_gradients_equal_the_whole_logits(model_kind, request, tmp_path):
+    if model_kind == "real":
+        model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue("real_model"))
+        assert model.config.tie_word_embeddings  # the output layer's weight is the input embedding
+    else:
+        from recipes.core.embedded import write_scaled_model
+
+        model = AutoModelForCausalLM.from_pretrained(write_scaled_model(tmp_path / "embedded"))
+    model.train()
+    batch = uneven_batch(model.config.vocab_size)
+    whole, whole_grads = _losses_and_gradients(model, FullLogitsLoss(), batch)
+    chunked = ChunkedLoss(model, chunk_logits=64 * model.config.vocab_size)  # 64 positions a chunk: 5 chunks
+    parts, parts_grads = _losses_and_gradients(model, chunked, batch)
+
+    assert torch.equal(parts.trained, whole.trained) and parts.trained.tolist() == [130, 149]
+    assert torch.equal(parts.correct, whole.correct)
+    assert parts.loss_sums.detach() == pytest.approx(whole.loss_sums.detach(), rel=1e-6)
+    assert (parts_grads - whole_grads).norm() <= 1e-6 * whole_grads.norm()
+    # outside a loss computation the output layer is the plain layer again (generation, saving)
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"][:, :8]).logits
+    assert plain.shape == (2, 8, model.config.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def real_model_runs(tmp_path_factory, real_model):
+    """LOMO on the real model, 1 x 512 tokens, --profile_memory, with the chunked loss and without."""
+    def run(chunked: str):
+        def produce(out):
+            run_here("lomo", "--model_name_or_path", str(real_model), "--block_size", "512", "--max_steps", "2",
+                     "--per_device_train_batch_size", "1", "--save_steps", "0", "--profile_memory", "true",
+                     "--chunked_loss", chunked, "--output_dir", str(out / "run"))
+        return shared_output(tmp_path_factory, f"real-lomo-chunked-{chunked}", produce) / "run"
+
+    return {"chunked": run("true"), "whole": run("false")}
+
+
+def test_chunked_loss_drops_the_step_peak_by_the_logits(real_model_runs):
+    chunked, whole = (json.loads((real_model_runs[k] / "memory_profile.json").read_text()) for k in ("chunked",
+                                                                                                   "whole"))
+    logits = 511 * 49_152 * 4  # one row's fp32 logits of the trained positions
+    assert whole["peak_bytes"] - chunked["peak_bytes"] >= logits
+    # the same training either way
+    assert train_losses(real_model_runs["chunked"]) == pytest.approx(train_losses(real_model_runs["whole"]), rel=1e-5)
+    assert results(real_model_runs["chunked"])["eval_loss"] == pytest.approx(
+        results(real_model_runs["whole"])["eval_loss"], rel=1e-6)
+
+
+def test_the_runs_peak_is_reported_with_the_phase_that_set_it(real_model_runs):
+    """Evaluating 8 rows (the default eval batch) of whole logits sets the run's peak; chunked, it does not."""
+    for kind, run in real_model_runs.items():
+        final = results(run)
+        assert final["run_peak_phase"] in ("loading", "training", "evaluation", "saving")
+        assert final["run_peak_rss_gib"] >= max(r.get("peak_rss_gib", 0) for r in read_metrics(run))
+    assert results(real_model_runs["whole"])["run_peak_phase"] == "evaluation"
+    assert results(real_model_runs["chunked"])["run_peak_phase"] != "evaluation"
+    assert results(real_model_runs["chunked"])["run_peak_rss_gib"] < results(real_model_runs["whole"])[
+        "run_peak_rss_gib"]
+    assert read_metrics(real_model_runs["chunked"])[-1]["run_peak_phase"] == results(real_model_runs["chunked"])[
+        "run_peak_phase"]  # the last log line says it too
