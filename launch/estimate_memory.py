@@ -3,8 +3,10 @@
     python launch/estimate_memory.py --model_name_or_path meta-llama/Llama-3.1-8B --precision bf16-mixed \\
         --per_device_train_batch_size 1 --block_size 4096 --gradient_checkpointing --world_size 8 --zero_stage 3
 
-Only the model's config is read (from the hub or a local folder); the model is built on the meta device. Without
---model_name_or_path the embedded tiny Llama is used. Method: recipes/core/memory_estimate.py.
+Only the model's config is read (from the hub, a local folder or a GGUF file's header); the model is built on the
+meta device. Without --model_name_or_path the embedded tiny Llama is used. Rows: what a training step holds by
+category, the step's peak (`training`), the evaluation's peak at --per_device_eval_batch_size (`evaluation`), and
+the run's (`total`, the larger: what the device must hold). Method: recipes/core/memory_estimate.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import argparse
 from recipes.core.memory_estimate import PRECISIONS, estimate, meta_model
 from recipes.core.optimizer_recipe import all_recipes
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "total")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "loss_temporaries",
+              "training", "evaluation", "total")
 
 
 def human(n: int) -> str:
@@ -29,8 +32,8 @@ def estimate_table(args) -> str:
     rows = {}
     for recipe in all_recipes():
         rows[recipe.name] = estimate(recipe, model, args.precision, args.per_device_train_batch_size,
-                                     args.block_size, args.gradient_checkpointing, args.world_size,
-                                     args.zero_stage).as_dict()
+                                     args.block_size, args.gradient_checkpointing, args.world_size, args.zero_stage,
+                                     args.per_device_eval_batch_size, args.chunked_loss == "true").as_dict()
     names = list(rows)
     lines = ["| per device | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
     for cat in CATEGORIES:
@@ -39,9 +42,11 @@ def estimate_table(args) -> str:
     lines.append("| total vs adamw | " + " | ".join(f"{rows[n]['total'] / adamw:.2f}x" for n in names) + " |")
     params = sum(p.numel() for p in model.parameters())
     setup = (f"{args.model_name_or_path or 'embedded tiny Llama'} ({params / 1e6:.1f}M parameters), {args.precision}, "
-             f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, gradient checkpointing "
-             f"{'on' if args.gradient_checkpointing else 'off'}, world size {args.world_size}, ZeRO stage "
-             f"{args.zero_stage}")
+             f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "
+             f"{args.per_device_eval_batch_size}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f", {'chunked loss' if args.chunked_loss == 'true' else 'whole logits'}, world size {args.world_size}, "
+             f"ZeRO stage {args.zero_stage}. training: a step's peak; evaluation: the evaluation's; total: the run's "
+             "(the larger)")
     return setup + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -52,7 +57,9 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--chunked_loss", choices=("true", "false"), default="true")
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0)
     print(estimate_table(parser.parse_args(argv)), end="")

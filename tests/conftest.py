@@ -147,6 +147,20 @@ def real_model(tmp_path_factory) -> Path:
     return shared_output(tmp_path_factory, "real-model", convert) / "model"
 
 
+@pytest.fixture(scope="session")
+def real_model_runs(tmp_path_factory, real_model):
+    """LOMO on the real model, 1 x 512 tokens, --profile_memory, with the chunked loss and without (the memory tests
+    of the loss and of the estimator share them)."""
+    def run(chunked: str):
+        def produce(out):
+            run_here("lomo", "--model_name_or_path", str(real_model), "--block_size", "512", "--max_steps", "2",
+                     "--per_device_train_batch_size", "1", "--save_steps", "0", "--profile_memory", "true",
+                     "--chunked_loss", chunked, "--output_dir", str(out / "run"))
+        return shared_output(tmp_path_factory, f"real-lomo-chunked-{chunked}", produce) / "run"
+
+    return {"chunked": run("true"), "whole": run("false")}
+
+
 def assert_same_weights(out: Path, reference: Path, tolerance: float = 1e-4) -> None:
     """Two saved models hold the same weights: every tensor within `tolerance` of its norm (per tensor, not per
     element: Adam-type steps amplify rounding on entries whose second moment is ~0)."""

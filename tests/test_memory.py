@@ -76,6 +76,12 @@ def test_estimate_agrees_with_measurement_within_10_percent(reports, size):
                 assert measured <= estimated, name  # one gradient, briefly: seen only if a sample falls inside
                 continue
             assert estimated == pytest.approx(measured, rel=0.10, abs=256), f"{name} {category}"
+        # the step's and the evaluation's tensor peaks, and the run's (the larger: what a device must hold)
+        measured = row["measured"]
+        assert row["estimate"]["training"] == pytest.approx(measured["peak_bytes"], rel=0.10), name
+        assert row["estimate"]["evaluation"] == pytest.approx(measured["evaluation"]["peak_bytes"], rel=0.10), name
+        assert row["estimate"]["total"] == pytest.approx(measured["run_peak_bytes"], rel=0.10), name
+        assert row["run"]["run_peak_phase"] in ("loading", "training", "evaluation", "saving")
     table = (folder / "report.md").read_text()
     assert all(f"`{name}`" in table for name in report["recipes"]) and "vs adamw" in table
     with Image.open(folder / "memory.png") as image:
@@ -110,3 +116,16 @@ def test_estimate_command_prints_all_seven_side_by_side():
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| per device"))
     assert all(f"`{name}`" in header for name in RECIPE_NAMES)
     assert "| total vs adamw | 1.00x" in proc.stdout
+
+
+@pytest.mark.parametrize("loss", ["chunked", "whole"])
+def test_estimate_agrees_with_the_real_models_whole_run_peak(real_model_runs, real_model, loss):
+    """SmolLM2-135M-Instruct, LOMO, 1 x 512 tokens, evaluation batch 8: the run's tensor peak (a training step's or
+    the evaluation's) as the estimator computes it from the config alone."""
+    from recipes.core.memory_estimate import estimate, meta_model
+
+    measured = json.loads((real_model_runs[loss] / "memory_profile.json").read_text())
+    lomo = next(r for r in all_recipes() if r.name == "lomo")
+    estimated = estimate(lomo, meta_model(str(real_model)), "fp32", 1, 512, eval_batch=8, chunked_loss=loss == "chunked")
+    assert estimated.total == pytest.approx(measured["run_peak_bytes"], rel=0.10)
+    assert estimated.evaluation == pytest.approx(measured["evaluation"]["peak_bytes"], rel=0.10)

@@ -120,19 +120,6 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(model_kind, request, 
     assert plain.shape == (2, 8, model.config.vocab_size)
 
 
-@pytest.fixture(scope="module")
-def real_model_runs(tmp_path_factory, real_model):
-    """LOMO on the real model, 1 x 512 tokens, --profile_memory, with the chunked loss and without."""
-    def run(chunked: str):
-        def produce(out):
-            run_here("lomo", "--model_name_or_path", str(real_model), "--block_size", "512", "--max_steps", "2",
-                     "--per_device_train_batch_size", "1", "--save_steps", "0", "--profile_memory", "true",
-                     "--chunked_loss", chunked, "--output_dir", str(out / "run"))
-        return shared_output(tmp_path_factory, f"real-lomo-chunked-{chunked}", produce) / "run"
-
-    return {"chunked": run("true"), "whole": run("false")}
-
-
 def test_chunked_loss_drops_the_step_peak_by_the_logits(real_model_runs):
     chunked, whole = (json.loads((real_model_runs[k] / "memory_profile.json").read_text()) for k in ("chunked",
                                                                                                    "whole"))

@@ -344,8 +344,8 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
     # --- evaluate and save the weights to keep (for schedule-free: x, in eval mode)
     stop_if_nonfinite(accelerator, model, first_bad_step, output_dir)
     recipe.eval_mode(optimizer)
-    with memory_meter.phase("evaluation"), memory_profile.measure_evaluation():
-        evaluation = evaluate(model, eval_loader, accelerator, token_loss)
+    with memory_meter.phase("evaluation"):
+        evaluation = evaluate(model, eval_loader, accelerator, memory_profile.measure_evaluation(token_loss))
     eval_loss = evaluation["eval_loss"]
     identical = replicas_identical(accelerator, model)
     if not identical:

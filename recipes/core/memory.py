@@ -137,7 +137,7 @@ def memory_tracker(model, optimizer):
 
 class MemoryProfile:
     """Profiles the optimizer step numbered `step` (its last micro-batch, which carries the update) and the final
-    evaluation; disabled (`step` None), both are do-nothing contexts."""
+    evaluation's first batch; disabled (`step` None), it changes nothing."""
 
     def __init__(self, output_dir: Path, model, optimizer, step: int | None, write: bool = True):
         self.output_dir, self.model, self.optimizer, self.step, self.write = output_dir, model, optimizer, step, write
@@ -157,20 +157,27 @@ class MemoryProfile:
         self.result = summarize(tracker, self.model, self.step, held)
         self._write()
 
-    @contextlib.contextmanager
-    def measure_evaluation(self):
-        """The final evaluation's tensor peak by category, beside the step's (it runs once the step was profiled)."""
-        if self.result is None:
-            yield
-            return
-        tracker = memory_tracker(self.model, self.optimizer)
-        with tracker:
-            yield
-        _, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
-        at_peak = categorize(peak)
-        self.result["evaluation"] = {"peak_bytes": peak.get("Total", sum(at_peak.values())), "at_peak": at_peak}
-        self.result["run_peak_bytes"] = max(self.result["peak_bytes"], self.result["evaluation"]["peak_bytes"])
-        self._write()
+    def measure_evaluation(self, token_loss):
+        """`token_loss` with its first call (the final evaluation's first batch: every batch but the last has its
+        size) measured; the evaluation's tensor peak by category goes beside the step's. Unchanged when no step was
+        profiled."""
+        if self.result is None or "evaluation" in self.result:
+            return token_loss
+
+        def measured(model, batch):
+            if "evaluation" in self.result:
+                return token_loss(model, batch)
+            tracker = memory_tracker(self.model, self.optimizer)
+            with tracker:
+                rows = token_loss(model, batch)
+            _, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
+            at_peak = categorize(peak)
+            self.result["evaluation"] = {"peak_bytes": peak.get("Total", sum(at_peak.values())), "at_peak": at_peak}
+            self.result["run_peak_bytes"] = max(self.result["peak_bytes"], self.result["evaluation"]["peak_bytes"])
+            self._write()
+            return rows
+
+        return measured
 
     def _write(self) -> None:
         if self.write:

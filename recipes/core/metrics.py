@@ -76,7 +76,8 @@ class TrainingMetrics:
         self.sync_tokens()
         elapsed = time.perf_counter() - self._started
         rate = [n / elapsed if elapsed > 0 else 0.0 for n in self._interval_tokens]
-        record = {"step": step, "loss": loss, "tokens_per_s": rate[0], "trained_tokens_per_s": rate[1]}
+        record = {"step": step, "loss": loss, "seconds_per_step": elapsed / max(self._steps, 1),
+                  "tokens_per_s": rate[0], "trained_tokens_per_s": rate[1]}
         correct, trained = self.accelerator.reduce(self._predictions.clone(), reduction="sum").tolist()
         if trained:
             record["token_accuracy"] = correct / trained  # of the training batches since the last log point

@@ -138,6 +138,7 @@ class ChunkedLoss:
         self._targets: torch.Tensor | None = None
         self._correct: torch.Tensor | None = None
         self.head.forward = self._forward  # on this instance only; the module and its weights are unchanged
+        self.head.chunked_loss = self
 
     @staticmethod
     def unsupported_because(model: torch.nn.Module) -> str | None:
@@ -165,17 +166,25 @@ class ChunkedLoss:
         if targets is None:  # generation, or any other use of the model: the plain layer
             return self._plain_forward(hidden)
         keep = targets != IGNORE_INDEX  # position t predicts token t + 1: hidden[:, :-1] against labels[:, 1:]
-        rows = keep.nonzero()[:, 0]
-        loss_sums, self._correct = _ChunkedCrossEntropy.apply(
-            hidden[:, :-1][keep], self.head.weight, self.head.bias, targets[keep], rows, keep.shape[0],
-            self.positions_per_chunk)  # only the trained positions reach the output layer
+        hidden = hidden[:, :-1]
+        if keep.is_meta:  # the memory estimator's meta-device forward: every position counted as trained
+            rows = torch.arange(keep.shape[0], device=keep.device).repeat_interleave(keep.shape[1])
+            hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        else:  # only the trained positions reach the output layer
+            rows = keep.nonzero()[:, 0]
+            hidden, targets = hidden[keep], targets[keep]
+        loss_sums, self._correct = _ChunkedCrossEntropy.apply(hidden, self.head.weight, self.head.bias, targets, rows,
+                                                              keep.shape[0], self.positions_per_chunk)
         return loss_sums
 
 
 def build_token_loss(model: torch.nn.Module, chunked: bool) -> tuple[ChunkedLoss | FullLogitsLoss, str]:
     """The loss for this model, and the line that says how it is computed (and why not in chunks, if asked)."""
     reason = ChunkedLoss.unsupported_because(model) if chunked else None
-    loss = ChunkedLoss(model) if chunked and reason is None else FullLogitsLoss()
+    if chunked and reason is None:
+        loss = getattr(model.get_output_embeddings(), "chunked_loss", None) or ChunkedLoss(model)
+    else:
+        loss = FullLogitsLoss()
     why = f" (the model's logits cannot be computed in chunks: {reason})" if reason else ""
     return loss, f"loss: the mean over each step's trained tokens; {loss.description}{why}"
 
