@@ -6,17 +6,18 @@
 
 Same model, batch and data in every harness:
 - bare: a plain PyTorch loop, no accelerate: the recipe's optimizer (`recipe.build`, the same construction and
-  hyper-parameters), then forward, `loss.backward()`, clipping if the recipe clips, `step()`, `zero_grad()` (LOMO
+  hyper-parameters) and loss (`recipes/core/token_loss.py`), then forward, `loss.backward()`, clipping if the recipe clips, `step()`, `zero_grad()` (LOMO
   and AdaLomo: `fused_backward(loss, lr)`), and the recipe's LR schedule;
 - recipe: `recipes/<name>.py` itself (its `main`, as `python recipes/<name>.py` runs it: one process);
 - trainer: `transformers.Trainer` with the matching `optim` name and the recipe's hyper-parameters (where it cannot
-  run one, the table says why).
+  run one, the table says why); its own loss, from the whole logits.
 
 Each (harness, optimizer) runs in its own process (`--run`), so its peak memory is its own; rounds interleave the
 harnesses (their order rotates each round). A run times every optimizer step (from the end of one to the end of the
 next) and drops the first `--warmup`; step 2 is also measured under torch's MemTracker (the tensors' peak, by
 category), so warm-up must cover it. Peak memory is the process's peak RSS over the steps after the first (CPU) or
-`max_memory_allocated` (CUDA). Ratios are medians over rounds of each round's ratio of median step times. Writes
+`max_memory_allocated` (CUDA); the run peak is the same over the whole process (loading, every step, and for the
+recipe its final evaluation and save). Ratios are medians over rounds of each round's ratio of median step times. Writes
 `benchmark.md` (the table) and `benchmark.json` (every step time) to --output_dir.
 """
 
@@ -61,6 +62,11 @@ class StepClock:
         reading = self.meter.read_and_reset()
         if len(self.ticks) > 1:
             self.peak = max(self.peak or 0, reading.get("peak_allocated_gib", reading.get("peak_rss_gib")) * 2**30)
+
+    def run_peak(self) -> float:
+        """The process's peak over everything so far (loading and the first step included)."""
+        reading = self.meter.run_peak()
+        return reading.get("run_peak_allocated_gib", reading.get("run_peak_rss_gib")) * 2**30
 
     def step_seconds(self) -> list[float]:
         return [b - a for a, b in zip(self.ticks, self.ticks[1:])]  # steps 2, 3, ...
@@ -113,11 +119,14 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, get_scheduler
 
+    from recipes.core.token_loss import build_token_loss
+
     recipe, _, config = recipe_and_config(name, args, output_dir)
     t = config.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(t.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
+    token_loss, _ = build_token_loss(model, t.chunked_loss)  # the recipes' loss: the loop is what is compared
     optimizer = recipe.build(model, config)
     fused = hasattr(optimizer, "fused_backward")
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
@@ -135,7 +144,8 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
             tracker = start_tracker(model, optimizer) if step == PROFILED_STEP else None
             batch = batch.to(device)
             with autocast:
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                rows = token_loss(model, {"input_ids": batch, "labels": batch})
+                loss = rows.loss_sums.sum() / rows.trained.sum()
             if fused:
                 optimizer.fused_backward(loss, scheduler.get_last_lr()[0])
             else:
@@ -168,6 +178,8 @@ def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
     recipe.step = timed_step  # once per optimizer step (one micro-batch each here)
     main(recipe, argv + ["--profile_memory", "true"])  # MemTracker on step 2 (PROFILED_STEP)
     measured = json.loads((Path(output_dir) / "memory_profile.json").read_text())
+    run = json.loads((Path(output_dir) / "results.json").read_text())  # its peak over training, evaluation, saving
+    clock.recipe_run_peak = run.get("run_peak_allocated_gib", run.get("run_peak_rss_gib")) * 2**30
     return {"total": measured["peak_bytes"], **measured["at_peak"]}
 
 
@@ -222,6 +234,8 @@ def run_one(args) -> None:
                 raise
             result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
     result.update(step_seconds=clock.step_seconds()[args.warmup:], peak_bytes=clock.peak,
+                  # both meters read (and reset) the same counter: the peak is in one of their readings
+                  run_peak_bytes=max(getattr(clock, "recipe_run_peak", 0), clock.run_peak()),
                   peak_kind="max_memory_allocated" if torch.cuda.is_available() else "peak RSS")
     Path(args.result).write_text(json.dumps(result))
 
@@ -272,11 +286,14 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
     def tensors(run):
         return run.get("tensor_peak", {}).get("total")
 
+    def whole_run(run):
+        return run.get("run_peak_bytes")
+
     summary, lines = {}, []
     header = ["optimizer"] + [f"{h} ms/step" for h in harnesses]
     header += ["recipe/bare time", "recipe/trainer time", "recipe tokens/s"]
     header += [f"{h} peak MiB" for h in harnesses] + ["recipe/bare peak"]
-    header += [f"{h} tensor peak MiB" for h in harnesses]
+    header += [f"{h} tensor peak MiB" for h in harnesses] + [f"{h} run peak MiB" for h in harnesses]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     notes = []
     for n in optimizers:
@@ -286,6 +303,7 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
         row["recipe/bare peak"] = ratio(rounds, ("recipe", n), ("bare", n), key=rss)
         row.update({f"{h}_peak_mib": mib(h, n, rss) for h in harnesses})
         row.update({f"{h}_tensor_peak_mib": mib(h, n, tensors) for h in harnesses})
+        row.update({f"{h}_run_peak_mib": mib(h, n, whole_run) for h in harnesses})
         tokens = runs("recipe", n)[0]["tokens_per_step"] if runs("recipe", n) else None
         row["recipe_tokens_per_s"] = tokens / (row["recipe_ms"] / 1e3) if tokens and row.get("recipe_ms") else None
         errors = {run["error"] for run in runs("trainer", n) if run["error"]}
@@ -297,6 +315,7 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
                   cell(row["recipe_tokens_per_s"], ",.0f")]
         cells += [cell(row[f"{h}_peak_mib"], ".0f") for h in harnesses] + [cell(row["recipe/bare peak"], ".3f")]
         cells += [cell(row[f"{h}_tensor_peak_mib"], ".2f") for h in harnesses]
+        cells += [cell(row[f"{h}_run_peak_mib"], ".0f") for h in harnesses]
         lines.append("| " + " | ".join(cells) + " |")
     pairs = {}
     for a, b in PAIRS:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -120,12 +121,15 @@ def test_estimate_command_prints_all_seven_side_by_side():
 
 @pytest.mark.parametrize("loss", ["chunked", "whole"])
 def test_estimate_agrees_with_the_real_models_whole_run_peak(real_model_runs, real_model, loss):
-    """SmolLM2-135M-Instruct, LOMO, 1 x 512 tokens, evaluation batch 8: the run's tensor peak (a training step's or
+    """SmolLM2-135M-Instruct, LOMO, 1 x 512 tokens: the run's tensor peak (a training step's or
     the evaluation's) as the estimator computes it from the config alone."""
     from recipes.core.memory_estimate import estimate, meta_model
 
     measured = json.loads((real_model_runs[loss] / "memory_profile.json").read_text())
+    validation_rows = yaml.safe_load((real_model_runs[loss] / "run_config.yaml").read_text())["data_summary"][
+        "splits"]["validation"]["rows"]  # the first evaluation batch: min(8, rows)
     lomo = next(r for r in all_recipes() if r.name == "lomo")
-    estimated = estimate(lomo, meta_model(str(real_model)), "fp32", 1, 512, eval_batch=8, chunked_loss=loss == "chunked")
+    estimated = estimate(lomo, meta_model(str(real_model)), "fp32", 1, 512, eval_batch=min(8, validation_rows),
+                         chunked_loss=loss == "chunked")
     assert estimated.total == pytest.approx(measured["run_peak_bytes"], rel=0.10)
     assert estimated.evaluation == pytest.approx(measured["evaluation"]["peak_bytes"], rel=0.10)
