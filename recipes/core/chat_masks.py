@@ -22,7 +22,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from recipes.core.config import ConfigError
-from recipes.core.data_formats import Conversation, PromptCompletion
+from recipes.core.data_formats import Conversation, PromptCompletion, RowError
 
 IGNORE_INDEX = -100  # the label of a token the loss skips (transformers' and PyTorch's convention)
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -97,6 +97,6 @@ def _apply(tokenizer, messages: list[dict], **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     except TemplateError as error:
-        raise ConfigError(f"the chat template cannot render a conversation of roles "
+        raise RowError(f"the chat template cannot render a conversation of roles "
                           f"{', '.join(m['role'] for m in messages)}: {error}; fix the data or pass "
                           "--chat_template") from None

@@ -23,7 +23,8 @@ STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that fix the data order, the batch and the optimizer: a resume must match them to be exact.
 MUST_MATCH = ("recipe", "dataset_name", "dataset_config_name", "dataset_train_split", "dataset_format", "text_column",
-              "completion_only_loss", "assistant_only_loss", "chat_template", "packing", "block_size", "seed",
+              "completion_only_loss", "assistant_only_loss", "chat_template", "packing", "block_size", "on_bad_rows",
+              "seed",
               "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes")
 
 

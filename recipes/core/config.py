@@ -31,6 +31,7 @@ TRACKERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "alpaca")  # recipes/core/data_formats.py
+BAD_ROW_ACTIONS = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,11 @@ class DataArguments:
                                          "default min(1024, model context)."})
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Share of train held out for evaluation when there is no validation split."})
+    on_bad_rows: str = field(
+        default="error", metadata={"help": "A row the data format cannot use (null content, messages that are not "
+                                            "a list, a non-text content part, a tool call): error (stop, naming "
+                                            "the split and row) or skip (leave it out; counted in the data line "
+                                            "and run_config.yaml)."})
 
 
 @dataclass
@@ -270,6 +276,8 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if t.report_to not in TRACKERS:
         raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
     _validate_dataset_path(d.dataset_name)
+    if d.on_bad_rows not in BAD_ROW_ACTIONS:
+        raise ConfigError(f"--on_bad_rows {d.on_bad_rows!r}: use one of {', '.join(BAD_ROW_ACTIONS)}")
     if d.dataset_format not in DATA_FORMATS:
         raise ConfigError(f"--dataset_format {d.dataset_format!r} is not a format; use one of "
                           f"{', '.join(DATA_FORMATS)}")

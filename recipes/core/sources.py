@@ -19,6 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from recipes.core import embedded, gguf_source
 from recipes.core.chat_masks import use_chat_template_file
 from recipes.core.config import Config, ConfigError, data_file_builder
+from recipes.core.data_files import check_data_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 _OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -35,6 +36,9 @@ def check_sources(config: Config) -> None:
     elif m.tokenizer_name:
         _check_model_files("--tokenizer_name", m.tokenizer_name, ("tokenizer_config.json", "tokenizer.json"),
                            m.trust_remote_code)
+    local = d.dataset_name and Path(d.dataset_name).expanduser().exists()
+    if local:  # every line of a local file or folder read once: one line for the first problem
+        check_data_files(d.dataset_name)
     if d.dataset_name and data_file_builder(d.dataset_name) is None:
         _check_dataset(d.dataset_name, d.dataset_config_name)
 
