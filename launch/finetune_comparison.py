@@ -95,7 +95,7 @@ def held_out_accuracy(model_path: str, test: list[dict], max_new_tokens: int, ba
     return correct / len(test)
 
 
-def base_eval_loss(model_path: str, task_dir: Path, block_size: int) -> float:
+def base_eval_loss(model_path: str, task_dir: Path, block_size: int, batch_size: int) -> float:
     """The answer-token loss of the model before fine-tuning, on the same validation rows the runs evaluate."""
     from accelerate import Accelerator
 
@@ -107,7 +107,8 @@ def base_eval_loss(model_path: str, task_dir: Path, block_size: int) -> float:
     from recipes.core.token_loss import build_token_loss
 
     config = parse_config(RECIPE, ["--model_name_or_path", model_path, "--dataset_name", str(task_dir),
-                                   "--block_size", str(block_size), "--output_dir", str(task_dir / "unused")])
+                                   "--block_size", str(block_size), "--per_device_train_batch_size", str(batch_size),
+                                   "--output_dir", str(task_dir / "unused")])
     accelerator = Accelerator(cpu=True)
     tokenizer = load_tokenizer(config)
     _, eval_loader, _, _ = build_dataloaders(config, load_raw_datasets(config), tokenizer, block_size, accelerator)
@@ -233,7 +234,8 @@ def main(argv=None) -> None:
              f"steps of {args.per_device_train_batch_size} x {args.block_size} tokens (packed), one process on "
              f"{device}, fp32")
     print(setup, flush=True)
-    base = {"eval_loss": base_eval_loss(args.model_name_or_path, task_dir, args.block_size),
+    base = {"eval_loss": base_eval_loss(args.model_name_or_path, task_dir, args.block_size,
+                                        args.per_device_train_batch_size),
             "accuracy": held_out_accuracy(args.model_name_or_path, test, args.max_new_tokens)}
     print(f"before: eval loss {base['eval_loss']:.3f}, accuracy {base['accuracy']:.0%}", flush=True)
     factors = [float(f) for f in args.lr_factors.split(",")]

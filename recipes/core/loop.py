@@ -261,7 +261,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
         state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
         state.loss_since_evaluation = metrics.loss_since_evaluation()  # a resumed run's next evaluation needs it
         recipe.eval_mode(optimizer)
-        with memory_meter.phase("saving"):
+        with memory_meter.phase("saving"), metrics.paused():
             path = save_checkpoint(accelerator, output_dir, state, settings, t.save_total_limit)
         recipe.train_mode(optimizer)
         return path
@@ -320,7 +320,7 @@ def run_training(recipe: OptimizerRecipe, config: Config, undo_on_exit: contextl
                     metrics.flush(state.step, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
                 if t.eval_steps and state.step % t.eval_steps == 0 and state.step < total_steps:
                     recipe.eval_mode(optimizer)
-                    with memory_meter.phase("evaluation"):
+                    with memory_meter.phase("evaluation"), metrics.paused():
                         record = {"step": state.step, **evaluate(model, eval_loader, accelerator, token_loss)}
                     recipe.train_mode(optimizer)
                     record.update(recipe.after_evaluation(optimizer, config, metrics.train_loss_since_evaluation(),

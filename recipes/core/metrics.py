@@ -6,6 +6,7 @@ logging costs one synchronisation per `logging_steps`, not one per step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -60,6 +61,15 @@ class TrainingMetrics:
             self._predictions += predictions
         self._steps += 1
         self.bar.update(1)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, saving) is not the training's: left out of s/step, tokens/s and MFU."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._started += time.perf_counter() - started
 
     def sync_tokens(self) -> tuple[int, int]:
         """(input, trained) tokens of all processes so far: one reduction. Call on every rank."""
