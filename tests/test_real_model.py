@@ -112,14 +112,15 @@ def test_the_fine_tuning_comparison_quick_writes_its_report(real_model, tmp_path
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "results.json").read_text())
-    assert {run["recipe"] for run in record["runs"]} == set(RECIPES)
+    quick = {"adamw", "lomo", "schedule_free_adamw"}  # one of each family
+    assert {run["recipe"] for run in record["runs"]} == quick
     assert record["base"]["accuracy"] == 0  # made-up facts: the base model cannot know them
     for run in record["runs"]:
         assert run["learning_rate"] == RECIPES[run["recipe"]].fine_tuning_learning_rate
         assert 0 <= run["accuracy"] <= 1 and run["eval_loss"] > 0 and run["peak_memory_gib"] > 0
         assert run["eval_curve"] and run["seconds_per_step"] > 0
     report = (out / "report.md").read_text()
-    assert all(f"| `{name}` |" in report for name in RECIPES) and "held-out accuracy" in report
+    assert all(f"| `{name}` |" in report for name in quick) and "held-out accuracy" in report
     assert (out / "eval_loss.png").stat().st_size > 10_000
 
 
