@@ -6,8 +6,8 @@
 
 Same model, batch and data in every harness:
 - bare: a plain PyTorch loop, no accelerate: the recipe's optimizer (`recipe.build`, the same construction and
-  hyper-parameters) and loss (`recipes/core/token_loss.py`), then forward, `loss.backward()`, clipping if the recipe clips, `step()`, `zero_grad()` (LOMO
-  and AdaLomo: `fused_backward(loss, lr)`), and the recipe's LR schedule;
+  hyper-parameters) and loss (`recipes/core/token_loss.py`), then forward, `loss.backward()`, clipping if the recipe
+  clips, `step()`, `zero_grad()` (LOMO and AdaLomo: `fused_backward(loss, lr)`), and the recipe's LR schedule;
 - recipe: `recipes/<name>.py` itself (its `main`, as `python recipes/<name>.py` runs it: one process);
 - trainer: `transformers.Trainer` with the matching `optim` name and the recipe's hyper-parameters (where it cannot
   run one, the table says why); its own loss, from the whole logits.

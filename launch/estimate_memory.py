@@ -43,7 +43,8 @@ def estimate_table(args) -> str:
     params = sum(p.numel() for p in model.parameters())
     setup = (f"{args.model_name_or_path or 'embedded tiny Llama'} ({params / 1e6:.1f}M parameters), {args.precision}, "
              f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "
-             f"{args.per_device_eval_batch_size}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"{args.per_device_eval_batch_size}, gradient checkpointing "
+             f"{'on' if args.gradient_checkpointing else 'off'}"
              f", {'chunked loss' if args.chunked_loss == 'true' else 'whole logits'}, world size {args.world_size}, "
              f"ZeRO stage {args.zero_stage}. training: a step's peak; evaluation: the evaluation's; total: the run's "
              "(the larger)")

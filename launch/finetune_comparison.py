@@ -102,7 +102,8 @@ def base_eval_loss(model_path: str, task_dir: Path, block_size: int, batch_size:
     from recipes.adamw import RECIPE
     from recipes.core.config import parse_config
     from recipes.core.data import load_raw_datasets
-    from recipes.core.loop import build_dataloaders, evaluate
+    from recipes.core.loop import evaluate
+    from recipes.core.run_setup import build_dataloaders
     from recipes.core.sources import load_model, load_model_config, load_tokenizer
     from recipes.core.token_loss import build_token_loss
 

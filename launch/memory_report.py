@@ -44,9 +44,9 @@ LOSSES = {"true": ("chunked",), "false": ("whole",), "both": ("chunked", "whole"
 def write_corpus(path: Path, args) -> int:
     """Generated documents with enough tokens for every training step and one evaluation batch of full rows;
     returns the share of them (%) to hold out for validation."""
+    from recipes.adamw import RECIPE
     from recipes.core.config import parse_config
     from recipes.core.sources import load_tokenizer
-    from recipes.adamw import RECIPE
 
     tokenizer = load_tokenizer(parse_config(RECIPE, ["--output_dir", str(path.parent / "unused")] + (
         ["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else [])))
@@ -176,7 +176,8 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     setup = (f"{args.model_name_or_path or 'embedded tiny Llama'} ({params / 1e6:.2f}M parameters), fp32, "
              f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "
-             f"{args.per_device_eval_batch_size}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+             f"{args.per_device_eval_batch_size}, gradient checkpointing "
+             f"{'on' if args.gradient_checkpointing else 'off'}"
              f", one process on {device}")
     wanted = args.recipes.split(",")
     rows = {}

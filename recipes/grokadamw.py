@@ -22,8 +22,8 @@ Memory: 3 state tensors per parameter, kept on the CPU by grokadamw 0.1.2.
 import math
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, numel,
-                                           refuse_flattened_partitions, unwrap_optimizer)
+from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
+from recipes.core.optimizer_wrappers import unwrap_optimizer
 
 
 class GrokAdamWRecipe(OptimizerRecipe):

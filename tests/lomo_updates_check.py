@@ -25,7 +25,8 @@ from recipes.core import engine_free_zero3
 from recipes.core.config import parse_config
 from recipes.core.embedded import EMBEDDED_DIR
 from recipes.core.lomo_fixes import AdaLomoOnModelDevice
-from recipes.core.loop import build_accelerator, exit_before_interpreter_teardown
+from recipes.core.loop import exit_before_interpreter_teardown
+from recipes.core.run_setup import build_accelerator
 from recipes.lomo import LomoRecipe
 
 STEPS = 3

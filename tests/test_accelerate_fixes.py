@@ -8,7 +8,7 @@ from accelerate.utils import imports
 
 from recipes.adamw import RECIPE
 from recipes.core.config import parse_config
-from recipes.core.loop import build_accelerator
+from recipes.core.run_setup import build_accelerator
 
 
 def test_optimizer_steps_do_not_look_up_packages(tmp_path, monkeypatch, fresh_accelerate_state):

@@ -246,7 +246,7 @@ def test_packed_examples_get_the_logits_they_get_alone(attn_implementation, tmp_
 
 
 def test_packing_is_refused_for_an_attention_that_would_mix_the_examples(tmp_path):
-    from recipes.core.loop import check_packed_examples_stay_apart
+    from recipes.core.run_setup import check_packed_examples_stay_apart
 
     records = [{"messages": c} for c in chat_conversations(20, seed=3)]
     (rows, _), _ = rows_of(tmp_path, records, "--validation_split_percentage", "10")

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from recipes.core.config import MODEL_FILES, parse_config
 from recipes.core.data import load_raw_datasets
 from recipes.core.embedded import CHAT_TEMPLATE, alpaca_examples, chat_conversations
-from recipes.core.loop import build_dataloaders, evaluate
+from recipes.core.loop import evaluate
 from recipes.core.optimizer_recipe import all_recipes
+from recipes.core.run_setup import build_dataloaders
 from tests.conftest import launch, read_metrics, results, run_here, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}

@@ -21,8 +21,9 @@ from recipes.core.config import parse_config
 from recipes.core.data import load_raw_datasets
 from recipes.core.data_formats import Conversation
 from recipes.core.gguf_source import packaged_model_file
-from recipes.core.loop import build_dataloaders, evaluate
+from recipes.core.loop import evaluate
 from recipes.core.optimizer_recipe import all_recipes
+from recipes.core.run_setup import build_dataloaders
 from tests.conftest import REPO, launch, offline_env, results, run_here, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}

@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes.core.config import parse_config
 from recipes.core.data import load_raw_datasets
-from recipes.core.loop import build_dataloaders, evaluate
+from recipes.core.loop import evaluate
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from recipes.core.run_setup import build_dataloaders
 from tests.conftest import (CONFIGS, REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
                             train_losses)
 

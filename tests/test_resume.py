@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, results, run_here, shared_output,
-                            smoke)
+from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, run_here, shared_output, smoke
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 RECIPES = {r.name: r for r in all_recipes()}

@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from recipes.core.embedded import _NAMES, _PLACES, _VERBS, generate_corpus
 from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss
-from tests.conftest import (assert_same_weights, launch, read_metrics, results, run_here, shared_output,
-                            train_losses)
+from tests.conftest import assert_same_weights, launch, read_metrics, results, run_here, shared_output, train_losses
 
 # 8 steps of 4 rows at a constant lr, one example per row
 FLAGS = ["--max_steps", "8", "--logging_steps", "1", "--lr_scheduler_type", "constant", "--packing", "false",

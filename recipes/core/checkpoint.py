@@ -17,7 +17,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from recipes.core.config import Config, ConfigError
+from recipes.core.config import MODEL_FILES, Config, ConfigError
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -44,6 +44,21 @@ def checkpoints_in(output_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def check_run_folder(config: Config) -> Path | None:
+    """Refuse a --output_dir whose trained model or checkpoints this run would replace (unless told to), and return
+    the checkpoint to resume from, if any (checked against this run's settings)."""
+    t = config.train
+    output_dir = Path(t.output_dir)
+    continuing = t.resume_from_checkpoint and final_model_is_checkpointed(output_dir)  # nothing trained is lost
+    if not (t.overwrite_output_dir or continuing) and any((output_dir / f).exists() for f in MODEL_FILES):
+        raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir "
+                          "or pass --overwrite_output_dir to replace it")
+    if not (t.resume_from_checkpoint or t.overwrite_output_dir) and checkpoints_in(output_dir):
+        raise ConfigError(f"--output_dir {output_dir} holds checkpoints of an earlier run; resume it with "
+                          "--resume_from_checkpoint latest, or pass --overwrite_output_dir to start over")
+    return resolve_checkpoint(config)
 
 
 def resolve_checkpoint(config: Config) -> Path | None:

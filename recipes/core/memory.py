@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.core.optimizer_recipe import unwrap_optimizer
+from recipes.core.optimizer_wrappers import unwrap_optimizer
 
 GIB = 1024**3
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
@@ -266,14 +266,3 @@ class CudaMemoryHistory:
                       "https://pytorch.org/memory_viz); try --gradient_checkpointing true, a smaller batch, or the "
                       "lomo/adalomo recipes", file=sys.stderr)
             raise
-
-
-def parse_step_window(text: str | None) -> tuple[int, int] | None:
-    """'A-B' -> (A, B) with 1 <= A <= B."""
-    if not text:
-        return None
-    first, _, last = text.partition("-")
-    window = (int(first), int(last or first))
-    if not 1 <= window[0] <= window[1]:
-        raise ValueError(text)
-    return window

@@ -42,7 +42,7 @@ class TrainingMetrics:
         self.tokens_seen, self.trained_tokens_seen = tokens_seen
         self._steps = 0
         self._interval_tokens = [0, 0]  # (input, trained) tokens of all processes since the last log point
-        self._started = self._run_started = time.perf_counter()
+        self._started = self._run_started = self.training_started = time.perf_counter()
         self._first_step = first_step
         self._mfu_per_token_per_s = flops_per_token / (peak_flops * accelerator.num_processes) if peak_flops else None
         self.mfu_values: list[float] = []
@@ -61,6 +61,10 @@ class TrainingMetrics:
             self._predictions += predictions
         self._steps += 1
         self.bar.update(1)
+
+    def started_training(self) -> None:
+        """The first step begins: the run's clock (train_runtime_s) and the first interval start now."""
+        self._started = self._run_started = self.training_started = time.perf_counter()
 
     @contextlib.contextmanager
     def paused(self):

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from recipes.core import engine_free_zero3
+from recipes.core.deepspeed_fixes import switch_mode
 from recipes.core.lomo_fixes import average_gradients_across_processes
+from recipes.core.optimizer_wrappers import unwrap_optimizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -45,13 +47,6 @@ def factored_numel(shape: tuple[int, ...]) -> int:
     if len(shape) < 2:
         return numel(shape)
     return numel(shape[:-1]) + numel(shape[:-2] + shape[-1:])
-
-
-def unwrap_optimizer(optimizer):
-    """The upstream optimizer inside accelerate's (and DeepSpeed's) wrappers."""
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -114,6 +109,14 @@ class OptimizerRecipe:
     def refuse(self, config: Config) -> Optional[str]:
         """A one-line reason this optimizer cannot run the configuration, or None."""
         return None
+
+    def flags_it_does_not_read(self, flags_set: set[str]) -> Optional[str]:
+        """A one-line error for an optimizer knob set on the command line that this optimizer does not read."""
+        unread = sorted(flags_set - set(self.reads_flags))
+        if not unread:
+            return None
+        readers = ", ".join(r.name for r in all_recipes() if unread[0] in r.reads_flags) or "no recipe"
+        return f"--{unread[0]} has no effect on {self.name}; it is read by {readers}. Drop the flag or pick that recipe"
 
     def scheduler_warmup_steps(self, config: Config) -> int:
         return config.train.warmup_steps
@@ -289,11 +292,7 @@ class ScheduleFreeRecipe(OptimizerRecipe):
         return 0  # --warmup_steps goes to the optimizer's own warmup
 
     def train_mode(self, optimizer) -> None:
-        from recipes.core.deepspeed_fixes import switch_mode
-
         switch_mode(optimizer, "train")
 
     def eval_mode(self, optimizer) -> None:
-        from recipes.core.deepspeed_fixes import switch_mode
-
         switch_mode(optimizer, "eval")  # x is what is evaluated and saved

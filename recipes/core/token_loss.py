@@ -8,8 +8,9 @@ Two ways to get the sums, both returning `RowLosses`:
 - `ChunkedLoss` (the default, `--chunked_loss true`): the model's output layer runs on the final hidden states of
   the trained positions only (labels other than -100: answer-only chat data trains about a quarter of the tokens),
   a chunk of `CHUNK_LOGITS` logits at a time; each chunk's logits are recomputed in backward instead of kept, and
-  the chunks' output-layer gradients are added into one buffer in place (`_ChunkedCrossEntropy`). The full-vocabulary logits (tokens x vocabulary, fp32: 384 MiB for 2048 tokens of a
-  49k vocabulary) never exist at once, in training or evaluation. The model's forward runs as usual, through every
+  the chunks' output-layer gradients are added into one buffer in place (`_ChunkedCrossEntropy`). The
+  full-vocabulary logits (tokens x vocabulary, fp32: 384 MiB for 2048 tokens of a 49k vocabulary) never exist at
+  once, in training or evaluation. The model's forward runs as usual, through every
   wrapper (DDP, DeepSpeed ZeRO-3, FSDP2 gather the output layer's weight as for any forward); only the output
   layer's forward is replaced, on this model instance, while targets are set. Tied embeddings keep working: the
   layer's weight is used, whatever else shares it.
