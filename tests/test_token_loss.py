@@ -142,3 +142,20 @@ def test_the_runs_peak_is_reported_with_the_phase_that_set_it(real_model_runs):
         "run_peak_rss_gib"]
     assert read_metrics(real_model_runs["chunked"])[-1]["run_peak_phase"] == results(real_model_runs["chunked"])[
         "run_peak_phase"]  # the last log line says it too
+
+
+def test_chunked_loss_under_bf16_mixed_precision_matches_the_whole_logits(tmp_path):
+    """Under autocast (--bf16 true) the chunks' backward recomputes the logits in bf16, as the forward made them."""
+    from recipes.core.embedded import write_scaled_model
+
+    model = AutoModelForCausalLM.from_pretrained(write_scaled_model(tmp_path / "embedded")).train()
+    batch = uneven_batch(model.config.vocab_size)
+
+    def under_autocast(loss_fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _losses_and_gradients(model, loss_fn, batch)
+
+    whole, whole_grads = under_autocast(FullLogitsLoss())
+    parts, parts_grads = under_autocast(ChunkedLoss(model, chunk_logits=64 * model.config.vocab_size))
+    assert parts.loss_sums.detach() == pytest.approx(whole.loss_sums.detach(), rel=1e-5)
+    assert (parts_grads - whole_grads).norm() <= 1e-2 * whole_grads.norm()  # bf16 products, summed in other orders

@@ -61,7 +61,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     Forward keeps nothing of a chunk's logits; backward recomputes them chunk by chunk and adds each chunk's weight
     gradient into one buffer in place (autograd would hold a whole weight-sized gradient per chunk and add them out
     of place: 3 x vocabulary x hidden at once). The same arithmetic as the whole-logits loss: fp32 logits, the
-    gradient cast to the weight's dtype before the matrix products, as autograd casts it through `.float()`.
+    gradient cast to the dtype the forward's product ran in (the weight's, or autocast's under mixed precision)
+    before the matrix products, as autograd casts it back through `.float()`.
     """
 
     @staticmethod
@@ -74,6 +75,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             correct.index_add_(0, rows[part], (logits.argmax(dim=-1) == targets[part]).long())
         ctx.save_for_backward(hidden, targets, rows)
         ctx.weight, ctx.bias, ctx.positions_per_chunk = weight, bias, positions_per_chunk  # read when backward runs
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.mark_non_differentiable(correct)
         return loss_sums, correct
 
@@ -81,18 +84,25 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss_sums, grad_correct):
         hidden, targets, rows = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias  # (under ZeRO-3: gathered again for this backward, as for any layer's)
+        device_type, autocast, autocast_dtype = ctx.autocast
+        # the dtype the forward's matrix product ran in: autocast's (bf16 mixed precision), else the weight's
+        dtype = autocast_dtype if autocast else weight.dtype
+        matrix = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
         for part in _chunks(len(targets), ctx.positions_per_chunk):
-            logits = _at_least_fp32(F.linear(hidden[part], weight, bias))
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):  # the forward's logits again
+                logits = _at_least_fp32(F.linear(hidden[part], weight, bias))
             grad_logits = torch.softmax(logits, dim=-1)  # d(cross-entropy)/d(logits) = softmax - one-hot
             del logits
             grad_logits[torch.arange(len(grad_logits), device=grad_logits.device), targets[part]] -= 1
-            grad_logits = (grad_logits * grad_loss_sums[rows[part]].unsqueeze(1)).to(weight.dtype)
-            grad_hidden[part] = grad_logits @ weight
-            if grad_weight is not None:
+            grad_logits = (grad_logits * grad_loss_sums[rows[part]].unsqueeze(1)).to(dtype)
+            grad_hidden[part] = grad_logits @ matrix
+            if grad_weight is not None and dtype == weight.dtype:
                 grad_weight.addmm_(grad_logits.T, hidden[part])
+            elif grad_weight is not None:  # mixed precision: the product in 16 bits, added to the fp32 gradient
+                grad_weight += grad_logits.T @ hidden[part].to(dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
