@@ -13,6 +13,7 @@ questions (answer-token loss). Per run: the answer-token eval loss and the held-
 correct when the reply names the country's capital) before and after, the whole run's peak memory, s/step and
 tokens/s. Writes report.md, results.json and eval_loss.png (eval loss against steps, one line per recipe at its best
 learning rate) to --output_dir, and each run's folder under --runs_dir (default: --output_dir/runs).
+`--replot` rewrites report.md and the plot from a finished comparison's results.json (docs/finetune keeps those).
 """
 
 from __future__ import annotations
@@ -150,10 +151,25 @@ def best_runs(runs: list[dict]) -> dict[str, dict]:
     return best
 
 
+def summary_table(record: dict) -> list[str]:
+    """One row per recipe: its default and its best run of the sweep."""
+    best = best_runs(record["runs"])
+    lines = ["| recipe | at its default lr: held-out accuracy | best lr of the sweep | held-out accuracy | eval loss | "
+             "peak memory (GiB) | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, run in best.items():
+        default = next(r for r in record["runs"] if r["recipe"] == name and r["learning_rate"] == r[
+            "default_learning_rate"])
+        lines.append(f"| `{name}` | {default['accuracy']:.0%} (lr {default['learning_rate']:g}) | "
+                     f"{run['learning_rate']:g} | {run['accuracy']:.0%} | {run['eval_loss']:.3f} | "
+                     f"{run['peak_memory_gib']:.2f} | {run['seconds_per_step']:.2f} |")
+    return lines
+
+
 def write_report(folder: Path, record: dict) -> None:
     base, runs = record["base"], record["runs"]
     best = best_runs(runs)
     lines = ["# Fine-tuning a pretrained chat model with each recipe", "", record["setup"], "",
+             *summary_table(record), "", "Every run:", "",
              f"Before fine-tuning: eval loss {base['eval_loss']:.3f}, held-out accuracy {base['accuracy']:.0%}. "
              "Eval loss: mean over the answer tokens of the held-out questions. Accuracy: share of held-out questions "
              "whose greedy reply names the right capital. Default: the recipe's `fine_tuning_learning_rate`; **bold**: "
@@ -198,7 +214,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--model_name_or_path", required=True, help="a model folder or .gguf file")
+    parser.add_argument("--model_name_or_path", help="a model folder or .gguf file (required unless --replot)")
     parser.add_argument("--runs_dir", default=None, help="where each run's folder goes; default output_dir/runs")
     parser.add_argument("--recipes", default=",".join(r.name for r in all_recipes()))
     parser.add_argument("--lr_factors", default="0.3333,1,3", help="learning rates: the default times these")
@@ -211,12 +227,20 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 steps at the default lr of adamw, lomo and "
                         "schedule_free_adamw (unless --recipes), 4 facts: checks that it runs (the tests)")
+    parser.add_argument("--replot", action="store_true", help="rewrite report.md and the plot from --output_dir's "
+                        "results.json (no training)")
     args = parser.parse_args(argv)
+    if args.replot:
+        write_report(Path(args.output_dir), json.loads((Path(args.output_dir) / "results.json").read_text()))
+        print(f"wrote {Path(args.output_dir) / 'report.md'} and {Path(args.output_dir) / 'eval_loss.png'}")
+        return
     if args.quick:  # one recipe of each family, two steps each
         args.num_facts, args.max_steps, args.per_device_train_batch_size, args.block_size = 4, 2, 2, 128
         args.eval_steps, args.lr_factors, args.max_new_tokens = 1, "1", 16
         args.recipes = "adamw,lomo,schedule_free_adamw" if args.recipes == parser.get_default("recipes") else \
             args.recipes
+    if not args.model_name_or_path:
+        parser.error("--model_name_or_path is required")
     folder = Path(args.output_dir)
     runs_dir = Path(args.runs_dir) if args.runs_dir else folder / "runs"
     folder.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,13 @@ def test_the_fine_tuning_comparison_quick_writes_its_report(real_model, tmp_path
     report = (out / "report.md").read_text()
     assert all(f"| `{name}` |" in report for name in quick) and "held-out accuracy" in report
     assert (out / "eval_loss.png").stat().st_size > 10_000
+    # --replot redraws the report and the plot from results.json alone (what docs/finetune keeps)
+    (out / "report.md").unlink()
+    (out / "eval_loss.png").unlink()
+    replot = subprocess.run([sys.executable, str(REPO / "launch" / "finetune_comparison.py"), "--output_dir", str(out),
+                             "--replot"], cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert replot.returncode == 0, replot.stderr[-2000:]
+    assert (out / "report.md").read_text() == report and (out / "eval_loss.png").is_file()
 
 
 def test_the_real_model_trains_on_two_processes_under_zero3(real_model, tmp_path):
