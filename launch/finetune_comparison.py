@@ -154,7 +154,7 @@ def best_runs(runs: list[dict]) -> dict[str, dict]:
 def summary_table(record: dict) -> list[str]:
     """One row per recipe: its default and its best run of the sweep."""
     best = best_runs(record["runs"])
-    lines = ["| recipe | at its default lr: held-out accuracy | best lr of the sweep | held-out accuracy | eval loss | "
+    lines = ["| recipe | held-out accuracy at the default lr when run | best lr of the sweep | held-out accuracy | eval loss | "
              "peak memory (GiB) | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run in best.items():
         default = next(r for r in record["runs"] if r["recipe"] == name and r["learning_rate"] == r[
@@ -169,12 +169,12 @@ def write_report(folder: Path, record: dict) -> None:
     base, runs = record["base"], record["runs"]
     best = best_runs(runs)
     lines = ["# Fine-tuning a pretrained chat model with each recipe", "", record["setup"], "",
-             *summary_table(record), "", "Every run:", "",
              f"Before fine-tuning: eval loss {base['eval_loss']:.3f}, held-out accuracy {base['accuracy']:.0%}. "
              "Eval loss: mean over the answer tokens of the held-out questions. Accuracy: share of held-out questions "
-             "whose greedy reply names the right capital. Default: the recipe's `fine_tuning_learning_rate`; **bold**: "
-             "the recipe's best run here. Peak: the process's peak memory over the whole run (and the phase that set "
-             "it).", "",
+             "whose greedy reply names the right capital. Default: the recipe's `fine_tuning_learning_rate` when the "
+             "comparison ran; best: the highest accuracy, then the lowest eval loss (**bold** below). Peak: the "
+             "process's peak memory over the whole run (and the phase that set it).", "",
+             *summary_table(record), "", "Every run:", "",
              "| recipe | learning rate | eval loss | held-out accuracy | peak (GiB) | s/step | tokens/s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for run in runs:

@@ -23,7 +23,13 @@ def test_learning_rate_default_depends_on_whether_the_model_is_pretrained(name, 
     assert pretrained.train.learning_rate == recipe.fine_tuning_learning_rate < recipe.default_learning_rate
     assert given.train.learning_rate == 3e-4 and "learning_rate" not in given.defaults_used
     assert "default for fine-tuning a pretrained model" in pretrained.defaults_used["learning_rate"]
-    assert f"{recipe.fine_tuning_learning_rate:.0e}".replace("e-0", "e-") in recipe.description  # with its source
+    assert short(recipe.fine_tuning_learning_rate) in recipe.description  # with its source
+
+
+def short(value: float) -> str:
+    """2e-05 -> 2e-5, 0.00015 -> 1.5e-4: as the docstrings write them."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 @pytest.fixture(scope="module")
