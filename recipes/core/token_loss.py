@@ -20,6 +20,7 @@ Two ways to get the sums, both returning `RowLosses`:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             correct.index_add_(0, rows[part], (logits.argmax(dim=-1) == targets[part]).long())
         ctx.save_for_backward(hidden, targets, rows)
         ctx.weight, ctx.bias, ctx.positions_per_chunk = weight, bias, positions_per_chunk  # read when backward runs
-        device_type = hidden.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.autocast = _autocast_state(hidden.device.type)
         ctx.mark_non_differentiable(correct)
         return loss_sums, correct
 
@@ -92,8 +92,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
         for part in _chunks(len(targets), ctx.positions_per_chunk):
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):  # the forward's logits again
-                logits = _at_least_fp32(F.linear(hidden[part], weight, bias))
+            with torch.autocast(device_type, dtype=autocast_dtype) if autocast else contextlib.nullcontext():
+                logits = _at_least_fp32(F.linear(hidden[part], weight, bias))  # the forward's logits again
             grad_logits = torch.softmax(logits, dim=-1)  # d(cross-entropy)/d(logits) = softmax - one-hot
             del logits
             grad_logits[torch.arange(len(grad_logits), device=grad_logits.device), targets[part]] -= 1
@@ -106,6 +106,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
+    """(device type, autocast on, its dtype) where the forward runs; off for devices autocast has no notion of (the
+    memory estimator's meta tensors)."""
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        return device_type, False, None
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
