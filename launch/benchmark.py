@@ -339,20 +339,6 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
                   "targets": [dict(zip(("optimizer", "ratio", "value", "limit", "met"), t)) for t in targets]}
 
 
-def hardware() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    return f"CPU: {cpu}, {os.cpu_count()} cores"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=None)
@@ -385,6 +371,7 @@ def main(argv=None) -> None:
 
     from recipes.core.embedded import write_scaled_model
     from recipes.core.memory_estimate import meta_model
+    from recipes.core.throughput import hardware
 
     folder = Path(args.output_dir)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
@@ -397,7 +384,8 @@ def main(argv=None) -> None:
     tensors = len(list(meta_model(args.model).parameters()))
     setup = (f"{args.model_name_or_path or 'the embedded Llama' + (f' ({args.sizes})' if args.sizes else '')}: "
              f"{params / 1e6:.2f}M parameters in {tensors} tensors, micro-batch {args.per_device_train_batch_size} x "
-             f"{args.block_size} tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, one process; {hardware()}; "
+             f"{args.block_size} tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, one process; "
+             f"{hardware()}; "
              f"{args.rounds} rounds of {args.steps} timed steps after {args.warmup + 1} warm-up steps; "
              f"`python launch/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     rounds = []

@@ -254,13 +254,12 @@ def main(argv=None) -> None:
             import_folder(args.model_name_or_path, imported, __import__("torch").float32)
         args.model_name_or_path = str(imported)
 
-    import torch
+    from recipes.core.throughput import hardware
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
     setup = (f"{args.model_name_or_path}, {args.num_facts} made-up facts (seed {args.seed}): "
              f"{args.num_facts * len(TRAIN_PHRASINGS)} training questions, {len(test)} held-out ones; {args.max_steps} "
              f"steps of {args.per_device_train_batch_size} x {args.block_size} tokens (packed), one process on "
-             f"{device}, fp32")
+             f"{hardware()}, fp32")
     print(setup, flush=True)
     base = {"eval_loss": base_eval_loss(args.model_name_or_path, task_dir, args.block_size,
                                         args.per_device_train_batch_size),

@@ -35,6 +35,7 @@ from recipes.core.embedded import generate_corpus, write_scaled_model  # noqa: E
 from recipes.core.memory import CATEGORIES  # noqa: E402
 from recipes.core.memory_estimate import estimate, meta_model  # noqa: E402
 from recipes.core.optimizer_recipe import all_recipes  # noqa: E402
+from recipes.core.throughput import hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ESTIMATED = ("parameters", "gradients", "optimizer_state", "activations")
@@ -173,12 +174,11 @@ def main(argv=None) -> None:
 
     model = meta_model(args.model_name_or_path)
     params = sum(p.numel() for p in model.parameters())
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     setup = (f"{args.model_name_or_path or 'embedded tiny Llama'} ({params / 1e6:.2f}M parameters), fp32, "
              f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "
              f"{args.per_device_eval_batch_size}, gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}"
-             f", one process on {device}")
+             f", one process on {hardware()}")
     wanted = args.recipes.split(",")
     rows = {}
     for recipe in all_recipes():

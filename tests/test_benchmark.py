@@ -41,3 +41,19 @@ def test_reduced_benchmark_measures_every_harness_and_says_why_one_cannot_run(tm
     if not trainer_runs_adalomo:
         assert "`adalomo`: the Trainer (optim=\"adalomo\") cannot run it here: AssertionError" in table
     assert "targets (recipe/bare <= 1.03 time" in table and report["targets"]
+
+
+def test_loss_cost_times_both_losses_on_both_batches(tmp_path):
+    """launch/loss_cost.py, one round: both losses timed on the plain-text and the answers-only batch."""
+    out = tmp_path / "loss_cost.json"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "loss_cost.py"), "--rounds", "1", "--loss_rounds", "2",
+                           "--warmup", "0", "--block_size", "32", "--output_json", str(out)],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    for measured, rounds in (("steps", 1), ("loss_alone", 2)):
+        assert list(report[measured]) == ["every token trained", "answers only (25% trained)"]
+        for by_loss in report[measured].values():
+            assert set(by_loss) == {"chunked", "whole"}
+            assert all(len(times) == rounds and min(times) > 0 for times in by_loss.values())
+    assert "| answers only (25% trained) |" in proc.stdout and "CPU" in proc.stdout

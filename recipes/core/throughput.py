@@ -9,6 +9,9 @@ GPU, or no GPU, gives no MFU.
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -16,6 +19,17 @@ import torch
 # dense bf16 TFLOP/s; matched against torch.cuda.get_device_name, most specific first
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", None), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                     ("L4", 121.0), ("RTX 4090", 165.0))
+
+
+def hardware() -> str:
+    """The accelerator or CPU a measurement ran on, for the reports."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    return f"CPU: {cpu}, {os.cpu_count()} cores"
 
 
 def peak_flops(device: torch.device) -> Optional[float]:

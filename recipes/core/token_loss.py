@@ -172,10 +172,16 @@ class ChunkedLoss:
         return None
 
     def __call__(self, model, batch: dict) -> RowLosses:
-        labels = batch["labels"]
+        return self._with_targets(batch["labels"], lambda: model(**model_inputs(batch), use_cache=False).logits)
+
+    def of_hidden_states(self, hidden: torch.Tensor, labels: torch.Tensor) -> RowLosses:
+        """The same loss from the final hidden states the output layer receives (to time the loss on its own)."""
+        return self._with_targets(labels, lambda: self.head(hidden))
+
+    def _with_targets(self, labels: torch.Tensor, forward) -> RowLosses:
         self._targets = labels[:, 1:]
         try:
-            loss_sums = model(**model_inputs(batch), use_cache=False).logits  # what _forward returned
+            loss_sums = forward()  # what _forward returned
         finally:
             self._targets = None
         correct, self._correct = self._correct, None
