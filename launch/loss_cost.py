@@ -49,12 +49,13 @@ def load(args):
     from transformers import AutoModelForCausalLM
 
     from recipes.core.embedded import write_scaled_model
+    from recipes.core.run_setup import enable_gradient_checkpointing
 
     with tempfile.TemporaryDirectory() as folder:  # the embedded model: a seeded copy, as the benchmark makes
         path = args.model_name_or_path or write_scaled_model(Path(folder) / "model")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if args.gradient_checkpointing:  # as the recipes enable it (transformers 5.x's name first)
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)  # as the recipes do
     return model.train()
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from recipes.core.config import parse_config
 from recipes.core.data import build_datasets, load_raw_datasets
+from recipes.core.data_files import check_data_files
 from recipes.core.optimizer_recipe import all_recipes
 from recipes.core.sources import load_tokenizer
 from tests.conftest import REPO, offline_env, run_here
@@ -110,6 +111,21 @@ def test_content_parts_train_the_same_tokens_as_strings(tmp_path):
     for split in ("train", "validation"):
         assert with_parts[split]["input_ids"] == with_strings[split]["input_ids"]
         assert with_parts[split]["labels"] == with_strings[split]["labels"]
+
+
+def test_columns_some_rows_leave_out_are_read_as_missing(tmp_path):
+    """Alpaca's optional input, or an id on some rows: datasets fills the gaps with null, and they train as if left
+    out (only the columns that make a format must be in every row)."""
+    sparse = [{"instruction": f"add one to {i}", "output": f"{i + 1}", **({"input": "in words"} if i % 3 else {}),
+               **({"id": i} if i % 2 else {})} for i in range(40)]
+    full = [{"instruction": f"add one to {i}", "output": f"{i + 1}", "input": "in words" if i % 3 else "",
+             "id": i} for i in range(40)]
+    check_data_files(jsonl(tmp_path / "sparse.jsonl", sparse))  # what a run checks first: no error
+    with_gaps, _ = tokenized(str(tmp_path / "sparse.jsonl"), tmp_path)
+    without, _ = tokenized(jsonl(tmp_path / "full.jsonl", full), tmp_path)
+    for split in ("train", "validation"):
+        assert with_gaps[split]["input_ids"] == without[split]["input_ids"]
+        assert with_gaps[split]["labels"] == without[split]["labels"]
 
 
 BAD_ROWS = {

@@ -69,6 +69,19 @@ def test_a_bad_gguf_source_gets_one_line(case, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_gguf_file_under_zero3_is_refused_with_the_conversion_command(tmp_path, monkeypatch):
+    """ZeRO-3 partitions the model as it is built: a GGUF file is converted once instead (before any model loads)."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for zero3.yaml
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    out = tmp_path / "out"
+    proc = run_here("adalomo", "--model_name_or_path", str(packaged_model_file()), "--output_dir", str(out),
+                    check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("adalomo: error: ")]
+    assert len(errors) == 1 and "under DeepSpeed ZeRO-3 is not supported" in errors[0], proc.stderr[-2000:]
+    assert "python launch/import_gguf.py" in errors[0] and "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_the_real_chatml_template_masks_exactly_the_assistant_turns(real_model):
     tokenizer = AutoTokenizer.from_pretrained(real_model)
     assert not has_generation_markers(tokenizer)  # the mask comes from prefixes, not from markers

@@ -109,18 +109,19 @@ def build_datasets(raw: DatasetDict, tokenizer, config: Config, block_size: int)
         out = {"input_ids": [], "labels": [], "bad_row": []}
         for values in zip(*batch.values()):
             example = dict(zip(batch, values))
+            bad = False
             try:
                 ids, labels = tokenize_one(example)
             except RowError as error:
                 if d.on_bad_rows == "error":
                     raise ConfigError(f"{split} row {example[ROW_NUMBER]}: {error}; fix or drop the row, or pass "
                                       "--on_bad_rows skip to leave out rows like it (and count them)") from None
-                ids, labels = [], []
+                ids, labels, bad = [], [], True
             except ConfigError as error:  # not the row's fault (e.g. the template), but say where it showed
                 raise ConfigError(f"{split} row {example[ROW_NUMBER]}: {error}") from None
             out["input_ids"].append(ids)
             out["labels"].append(labels)
-            out["bad_row"].append(not ids)
+            out["bad_row"].append(bad)  # (a row that tokenizes to nothing is dropped later, as untrainable)
         return out
 
     def truncate(batch):  # keep the start (the prompt and the beginning of the answer)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from recipes.core.config import DATA_FILE_BUILDERS, ConfigError
+from recipes.core.data_formats import FORMAT_COLUMNS
 
 
 def data_files_in(path: Path) -> list[Path]:
@@ -42,11 +43,13 @@ def check_data_files(dataset_name: str) -> None:
 
 
 def _check_json_lines(file: Path) -> str | None:
+    with open(file, "rb") as f:  # one line at a time: a file of any size
+        return _check_lines(enumerate(f, start=1))
+
+
+def _check_lines(lines) -> str | None:
     columns, rows = None, 0
-    with open(file, "rb") as f:
-        lines = f.read().split(b"\n")
-    ends_with_newline = lines and lines[-1] == b""
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in lines:
         if not raw.strip():
             continue
         try:
@@ -56,8 +59,7 @@ def _check_json_lines(file: Path) -> str | None:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
-            final = number == len(lines) and not ends_with_newline
-            if final:
+            if not raw.endswith(b"\n"):  # only the last line can end without one
                 return (f"line {number}, the last, is cut off ({error.msg}, column {error.colno}): the file was "
                         "probably not written to the end; write it again, or delete the line")
             return f"line {number} is not JSON ({error.msg}, column {error.colno}): {_preview(text)}"
@@ -66,7 +68,7 @@ def _check_json_lines(file: Path) -> str | None:
         problem = _same_columns(columns, record, f"line {number}", last_rows="the lines before it")
         if problem:
             return problem
-        columns = columns or sorted(record)
+        columns = _format_columns(record) if columns is None else columns
         rows += 1
     return None if rows else "is empty (no JSON object in it); give a file with one JSON object per line"
 
@@ -95,15 +97,21 @@ def _check_json(file: Path) -> str | None:
         problem = _same_columns(columns, record, f"element {number}", last_rows="the elements before it")
         if problem:
             return problem
-        columns = columns or sorted(record)
+        columns = _format_columns(record) if columns is None else columns
     return None
 
 
 def _same_columns(columns: list[str] | None, record: dict, where: str, last_rows: str) -> str | None:
-    if columns is None or sorted(record) == columns:
+    """None if this row has the format columns the first one had (other columns, an id or Alpaca's optional input,
+    may come and go: datasets fills them with null)."""
+    if columns is None or _format_columns(record) == columns:
         return None
-    return (f"{where} has the columns {', '.join(sorted(record)) or '(none)'}, {last_rows} "
-            f"{', '.join(columns)}; every row needs the same columns")
+    return (f"{where} has the columns {', '.join(_format_columns(record)) or '(none)'}, {last_rows} "
+            f"{', '.join(columns) or '(none)'}; every row needs the same format's columns")
+
+
+def _format_columns(record: dict) -> list[str]:
+    return sorted(column for column in record if column in FORMAT_COLUMNS)
 
 
 def _check_csv(file: Path) -> str | None:
@@ -129,15 +137,15 @@ def _check_csv(file: Path) -> str | None:
 
 
 def _check_text(file: Path) -> str | None:
-    data = file.read_bytes()
-    if not data.strip():
-        return "is empty; give a text file with one document per line"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        return f"line {line} is not UTF-8 text ({error.reason})"
-    return None
+    empty = True
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"line {number} is not UTF-8 text ({error.reason})"
+            empty = empty and not raw.strip()
+    return "is empty; give a text file with one document per line" if empty else None
 
 
 def _check_parquet(file: Path) -> str | None:

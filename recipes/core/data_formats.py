@@ -33,6 +33,8 @@ _SIGNATURES = {
     "messages": [("messages",), ("conversations",)],
     "alpaca": [("instruction", "output")],
 }
+# every column some format is recognised by: each row of a file needs the same of these (others may come and go)
+FORMAT_COLUMNS = frozenset({"text"} | {c for alternatives in _SIGNATURES.values() for a in alternatives for c in a})
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
 ROLES = ("system", "user", "assistant")

@@ -41,6 +41,7 @@ def packaged_model_file() -> Path | None:
 
 
 def _split(path: Path) -> tuple[str, str]:
+    path = path.expanduser()  # as check_file reads it
     return str(path.parent), path.name
 
 

@@ -157,13 +157,15 @@ def activation_bytes(model, micro_batch: int, seq_len: int, gradient_checkpointi
 
 def loss_temporary_bytes(model, micro_batch: int, seq_len: int, chunked_loss: bool = True) -> int:
     """What the loss's backward holds at its peak beyond the saved activations: the output layer's weight gradient
-    (one buffer, as the chunked backward keeps it), two fp32 chunks of logits (softmax and its scaled copy) and the
-    hidden-state gradient of the trained positions; with whole logits, two fp32 copies of them."""
+    (one buffer, as the chunked backward keeps it: fp32, and for a 16-bit weight its 16-bit copy at the end), two
+    fp32 chunks of logits (softmax and its scaled copy) and the hidden-state gradient of the trained positions; with
+    whole logits, two fp32 copies of them."""
     head = model.get_output_embeddings()
     positions = micro_batch * (seq_len - 1)
     chunk = min(positions, max(MIN_POSITIONS, CHUNK_LOGITS // head.out_features)) if chunked_loss else positions
-    weight = head.weight.numel() * head.weight.element_size()
-    return weight + 2 * chunk * head.out_features * 4 + positions * head.in_features * head.weight.element_size()
+    size = head.weight.element_size()
+    gradient = head.weight.numel() * (4 + size if chunked_loss and size < 4 else size)
+    return gradient + 2 * chunk * head.out_features * 4 + positions * head.in_features * size
 
 
 @torch.no_grad()

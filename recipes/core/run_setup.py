@@ -84,9 +84,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None,
     model = load_model(config, model_config)
     check_packed_examples_stay_apart(model, train_loader.dataset)
     if t.gradient_checkpointing:
-        # transformers 5.x renamed gradient_checkpointing_enable (deprecated there, to be removed in v6)
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable_gradient_checkpointing(model)
     token_loss, loss_note = build_token_loss(model, t.chunked_loss)  # before any wrapper: it is the output layer's
     optimizer = recipe.build(model, config)
     embedding = model.get_input_embeddings().weight
@@ -205,3 +203,8 @@ def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
     if t.max_steps > 0:
         return t.max_steps
     return max(1, math.ceil(math.ceil(batches_per_epoch / t.gradient_accumulation_steps) * t.num_train_epochs))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # transformers 5.x renamed gradient_checkpointing_enable (deprecated there, to be removed in v6)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()

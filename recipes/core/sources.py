@@ -20,6 +20,7 @@ from recipes.core import embedded, gguf_source
 from recipes.core.chat_masks import use_chat_template_file
 from recipes.core.config import Config, ConfigError, data_file_builder
 from recipes.core.data_files import check_data_files
+from recipes.core.launch_setup import LaunchSetup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 _OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -29,6 +30,12 @@ def check_sources(config: Config) -> None:
     m, d = config.model, config.data
     if gguf_source.is_gguf(m.model_name_or_path):
         gguf_source.check_file("--model_name_or_path", m.model_name_or_path)
+        setup = LaunchSetup.from_environment()
+        if setup.kind == "deepspeed" and setup.zero_stage == 3:
+            raise ConfigError(f"--model_name_or_path {m.model_name_or_path}: a GGUF file under {setup.describe()} is "
+                              "not supported: ZeRO-3 partitions the model as it is built, and every process would "
+                              "dequantize the whole file; convert it once with python launch/import_gguf.py "
+                              f"{m.model_name_or_path} OUT and pass --model_name_or_path OUT")
     elif m.model_name_or_path:
         _check_model_files("--model_name_or_path", m.model_name_or_path, ("config.json",), m.trust_remote_code)
     if gguf_source.is_gguf(m.tokenizer_name):

@@ -63,7 +63,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     gradient into one buffer in place (autograd would hold a whole weight-sized gradient per chunk and add them out
     of place: 3 x vocabulary x hidden at once). The same arithmetic as the whole-logits loss: fp32 logits, the
     gradient cast to the dtype the forward's product ran in (the weight's, or autocast's under mixed precision)
-    before the matrix products, as autograd casts it back through `.float()`.
+    before the matrix products, as autograd casts it back through `.float()`; the chunks' weight gradients are
+    summed in fp32 and cast to the weight's dtype once.
     """
 
     @staticmethod
@@ -89,8 +90,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         dtype = autocast_dtype if autocast else weight.dtype
         matrix = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        # the chunks' gradients are summed in fp32 at least (16-bit weights: rounded once, at the end, as one product's)
+        total = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        grad_weight = torch.zeros_like(weight, dtype=total) if weight.requires_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=total) if bias is not None and bias.requires_grad else None
         for part in _chunks(len(targets), ctx.positions_per_chunk):
             with torch.autocast(device_type, dtype=autocast_dtype) if autocast else contextlib.nullcontext():
                 logits = _at_least_fp32(F.linear(hidden[part], weight, bias))  # the forward's logits again
@@ -99,13 +102,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(len(grad_logits), device=grad_logits.device), targets[part]] -= 1
             grad_logits = (grad_logits * grad_loss_sums[rows[part]].unsqueeze(1)).to(dtype)
             grad_hidden[part] = grad_logits @ matrix
-            if grad_weight is not None and dtype == weight.dtype:
+            if grad_weight is not None and dtype == grad_weight.dtype:
                 grad_weight.addmm_(grad_logits.T, hidden[part])
-            elif grad_weight is not None:  # mixed precision: the product in 16 bits, added to the fp32 gradient
+            elif grad_weight is not None:  # 16-bit weights or autocast: the product in 16 bits, summed in fp32
                 grad_weight += grad_logits.T @ hidden[part].to(dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
