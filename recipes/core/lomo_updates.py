@@ -2,8 +2,9 @@
 
 lomo-optim 0.1.1 registers a pre-accumulation hook on every parameter, and every hook call scans every parameter for
 a gradient to apply: Python work that grows with the square of the tensor count (on a 291-tensor Llama the Trainer's
-`optim="lomo"`, which runs those hooks, took 1.8-2.5x its schedule-free SGD step; this module's, 0.98-0.99x:
-launch/benchmark.py, README "Speed"; it is Python time, so a GPU pays it too). Its 16-bit update also upcasts a
+`optim="lomo"`, which runs those hooks, took 2.5-2.8x its schedule-free SGD step; this module's 0.98x on one 2-core
+CPU machine and 1.19x (over 3 noisy rounds) on another: launch/benchmark.py, docs/benchmark.md; it is Python time,
+so a GPU pays it too). Its 16-bit update also upcasts a
 whole gradient and a whole parameter to fp32 at once.
 
 Here each parameter gets one `register_post_accumulate_grad_hook` that updates that parameter alone, with the same
