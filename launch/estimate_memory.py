@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from recipes.core.memory_estimate import PRECISIONS, estimate, meta_model
+from recipes.core.memory_estimate import PRECISIONS, estimate_each, meta_model
 from recipes.core.optimizer_recipe import all_recipes
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "loss_temporaries",
@@ -29,11 +29,10 @@ def human(n: int) -> str:
 
 def estimate_table(args) -> str:
     model = meta_model(args.model_name_or_path, args.trust_remote_code)
-    rows = {}
-    for recipe in all_recipes():
-        rows[recipe.name] = estimate(recipe, model, args.precision, args.per_device_train_batch_size,
-                                     args.block_size, args.gradient_checkpointing, args.world_size, args.zero_stage,
-                                     args.per_device_eval_batch_size, args.chunked_loss == "true").as_dict()
+    estimates = estimate_each(all_recipes(), model, args.precision, args.per_device_train_batch_size,
+                              args.block_size, args.gradient_checkpointing, args.world_size, args.zero_stage,
+                              args.per_device_eval_batch_size, args.chunked_loss == "true")
+    rows = {name: e.as_dict() for name, e in estimates.items()}
     names = list(rows)
     lines = ["| per device | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
     for cat in CATEGORIES:

@@ -32,6 +32,7 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "alpaca")  # recipes/core/data_formats.py
 BAD_ROW_ACTIONS = ("error", "skip")
+MEMORY_CHECKS = ("error", "warn", "off")  # recipes/core/memory_check.py
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,13 @@ class TrainArguments:
     memory_snapshot_steps: Optional[str] = field(
         default=None, metadata={"help": "CUDA only: record allocations over steps A-B into output_dir/"
                                          "memory_snapshot.pickle (open at pytorch.org/memory_viz)."})
+    memory_check: str = field(
+        default="error", metadata={"help": "Before any weight loads, the estimated peak per device against what the "
+                                          "device has: error (refuse a run that cannot fit, naming what would), warn "
+                                          "(say so and start), off."})
+    memory_budget_gib: Optional[float] = field(
+        default=None, metadata={"help": "GiB per device the run may use, for --memory_check; default: the GPU's free "
+                                         "memory, or the machine's available RAM shared by the run's processes."})
     report_to: str = field(default="none", metadata={"help": f"Tracker: one of {', '.join(TRACKERS)}."})
     run_name: Optional[str] = None
 
@@ -271,6 +279,10 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         if not torch.cuda.is_available():
             raise ConfigError("--memory_snapshot_steps records CUDA allocations, and there is no CUDA device here; "
                               "use --profile_memory for a per-category breakdown on any device")
+    if t.memory_check not in MEMORY_CHECKS:
+        raise ConfigError(f"--memory_check {t.memory_check!r}: use one of {', '.join(MEMORY_CHECKS)}")
+    if t.memory_budget_gib is not None and not t.memory_budget_gib > 0:
+        raise ConfigError(f"--memory_budget_gib must be positive, got {t.memory_budget_gib}")
     if t.report_to not in TRACKERS:
         raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
     _validate_dataset_path(d.dataset_name)
@@ -288,6 +300,11 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     problem = recipe.refuse(config)
     if problem:
         raise ConfigError(problem)
+
+
+def default_block_size(model_config) -> int:
+    """--block_size when it is not given: the model's context, at most 1024."""
+    return min(1024, getattr(model_config, "max_position_embeddings", 1024))
 
 
 def parse_step_window(text: str | None) -> tuple[int, int] | None:

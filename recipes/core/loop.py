@@ -21,10 +21,11 @@ from accelerate import Accelerator
 
 from recipes.core.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
 from recipes.core.config import Config, ConfigError, parse_config
+from recipes.core.memory_check import check_memory
 from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.replicas import replicas_identical
 from recipes.core.run_setup import Run, set_up
-from recipes.core.sources import check_sources
+from recipes.core.sources import check_sources, load_model_config
 from recipes.core.token_loss import FullLogitsLoss
 
 
@@ -67,7 +68,8 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
     with contextlib.ExitStack() as undo_on_exit:
         resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume, if any
         check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line says why
-        run = set_up(recipe, config, resume_from, undo_on_exit)
+        memory_note = check_memory(recipe, config, load_model_config(config))  # fits, from the config alone
+        run = set_up(recipe, config, resume_from, undo_on_exit, memory_note)
         preempted = train_steps(run)
         return preempted or finish(run)
 

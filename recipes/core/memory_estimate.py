@@ -68,10 +68,12 @@ def training_peak(parameters: int, gradients: int, optimizer_state: int, activat
         activations, saved_activations + loss_temporaries, gradients + 2 * tied_weight)
 
 
-def meta_model(model_name_or_path: str | None, trust_remote_code: bool = False, dtype=torch.float32):
-    if gguf_source.is_gguf(model_name_or_path):
+def meta_model(model_name_or_path: str | None, trust_remote_code: bool = False, dtype=torch.float32, config=None):
+    """The model built on the meta device (no weights) from its config: `config` if given, else read from
+    `model_name_or_path` (a hub id, a folder, a config.json file or a GGUF file; None: the embedded model)."""
+    if config is None and gguf_source.is_gguf(model_name_or_path):
         config = gguf_source.load_config(model_name_or_path)
-    else:
+    elif config is None:
         config = AutoConfig.from_pretrained(model_name_or_path or str(embedded.EMBEDDED_DIR),
                                             trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -182,32 +184,67 @@ def evaluation_activation_bytes(model, eval_batch: int, seq_len: int, chunked_lo
     return live.peak
 
 
-def estimate(recipe, model, precision: str = "fp32", micro_batch: int = 8, seq_len: int = 1024,
-             gradient_checkpointing: bool = False, world_size: int = 1, zero_stage: int = 0,
-             eval_batch: int | None = None, chunked_loss: bool = True) -> MemoryEstimate:
+@dataclass
+class _Footprint:
+    """What a run holds whatever its optimizer: the model's bytes and its forward's, at one precision and batch."""
+    shapes: list
+    numel: int
+    weight_bytes: int
+    state_bytes: int
+    parameters: int
+    activations: int
+    saved_activations: int
+    loss_temporaries: int
+    evaluation_activations: int
+    tied: int
+
+
+def _footprint(model, precision: str, micro_batch: int, seq_len: int, gradient_checkpointing: bool,
+               eval_batch: int | None, chunked_loss: bool) -> _Footprint:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model = model.to(torch.float32 if precision == "fp32" else torch.bfloat16)
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     numel = sum(torch.Size(s).numel() for s in shapes)
     weight_bytes = 4 if precision == "fp32" else 2
-    state_bytes = 2 if precision == "bf16" else 4
-    params = numel * weight_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
-    grads = recipe.gradient_bytes(shapes, weight_bytes)
-    update = recipe.update_bytes(shapes, weight_bytes)
-    state = recipe.optimizer_state_bytes(shapes, state_bytes)
-    if precision.endswith("-mixed") and recipe.keeps_master_weights:
-        state += numel * 4
     activations, saved = activation_bytes(model, micro_batch, seq_len, gradient_checkpointing, chunked_loss)
-    loss_temporaries = loss_temporary_bytes(model, micro_batch, seq_len, chunked_loss)
-    evaluating = evaluation_activation_bytes(model, eval_batch or micro_batch, seq_len, chunked_loss)
     head = model.get_output_embeddings().weight
-    tied = head.numel() * weight_bytes if head is model.get_input_embeddings().weight else 0
+    return _Footprint(
+        shapes=shapes, numel=numel, weight_bytes=weight_bytes, state_bytes=2 if precision == "bf16" else 4,
+        parameters=numel * weight_bytes + sum(b.numel() * b.element_size() for b in model.buffers()),
+        activations=activations, saved_activations=saved,
+        loss_temporaries=loss_temporary_bytes(model, micro_batch, seq_len, chunked_loss),
+        evaluation_activations=evaluation_activation_bytes(model, eval_batch or micro_batch, seq_len, chunked_loss),
+        tied=head.numel() * weight_bytes if head is model.get_input_embeddings().weight else 0)
+
+
+def _recipe_estimate(recipe, f: _Footprint, precision: str, world_size: int, zero_stage: int) -> MemoryEstimate:
+    grads = recipe.gradient_bytes(f.shapes, f.weight_bytes)
+    update = recipe.update_bytes(f.shapes, f.weight_bytes)
+    state = recipe.optimizer_state_bytes(f.shapes, f.state_bytes)
+    if precision.endswith("-mixed") and recipe.keeps_master_weights:
+        state += f.numel * 4
     n = max(world_size, 1)
-    params, state = params // n if zero_stage >= 3 else params, state // n if zero_stage >= 1 else state
+    params = f.parameters // n if zero_stage >= 3 else f.parameters
+    state = state // n if zero_stage >= 1 else state
     grads = grads // n if zero_stage >= 2 and recipe.gradients_partitioned_by_zero else grads
-    return MemoryEstimate(parameters=params, gradients=grads, optimizer_state=state, activations=activations,
-                          update_temporaries=update, loss_temporaries=loss_temporaries,
-                          training=training_peak(params, grads, state, activations, saved, loss_temporaries, update,
-                                                 tied),
-                          evaluation=params + state + evaluating)
+    return MemoryEstimate(parameters=params, gradients=grads, optimizer_state=state, activations=f.activations,
+                          update_temporaries=update, loss_temporaries=f.loss_temporaries,
+                          training=training_peak(params, grads, state, f.activations, f.saved_activations,
+                                                 f.loss_temporaries, update, f.tied),
+                          evaluation=params + state + f.evaluation_activations)
+
+
+def estimate(recipe, model, precision: str = "fp32", micro_batch: int = 8, seq_len: int = 1024,
+             gradient_checkpointing: bool = False, world_size: int = 1, zero_stage: int = 0,
+             eval_batch: int | None = None, chunked_loss: bool = True) -> MemoryEstimate:
+    return estimate_each([recipe], model, precision, micro_batch, seq_len, gradient_checkpointing, world_size,
+                         zero_stage, eval_batch, chunked_loss)[recipe.name]
+
+
+def estimate_each(recipes, model, precision: str = "fp32", micro_batch: int = 8, seq_len: int = 1024,
+                  gradient_checkpointing: bool = False, world_size: int = 1, zero_stage: int = 0,
+                  eval_batch: int | None = None, chunked_loss: bool = True) -> dict[str, MemoryEstimate]:
+    """`estimate` for several recipes at once: the forwards on the meta device (what takes time) run once."""
+    f = _footprint(model, precision, micro_batch, seq_len, gradient_checkpointing, eval_batch, chunked_loss)
+    return {r.name: _recipe_estimate(r, f, precision, world_size, zero_stage) for r in recipes}

@@ -24,7 +24,7 @@ from transformers import get_scheduler
 
 from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
 from recipes.core.checkpoint import TrainerState, checkpoints_in, continue_schedule, load_checkpoint, resume_settings
-from recipes.core.config import Config, ConfigError, parse_step_window
+from recipes.core.config import Config, ConfigError, default_block_size, parse_step_window
 from recipes.core.data import build_datasets, load_raw_datasets
 from recipes.core.memory import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
 from recipes.core.metrics import TrainingMetrics
@@ -69,7 +69,7 @@ class Run:
 
 
 def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None,
-           undo_on_exit: contextlib.ExitStack) -> Run:
+           undo_on_exit: contextlib.ExitStack, memory_note: str = "") -> Run:
     t = config.train
     output_dir = Path(t.output_dir)
     accelerator = build_accelerator(config, recipe)
@@ -119,7 +119,8 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None,
                       + schedule_note
                       + f"; {mfu_note(accelerator.device)}"
                       + "".join(f"\n--{flag} {why}" for flag, why in config.defaults_used.items())
-                      + f"\n{data_summary.describe()}\n{loss_note}")
+                      + f"\n{data_summary.describe()}\n{loss_note}"
+                      + (f"\n{memory_note}" if memory_note else ""))
 
     metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step,
                               tokens_seen=(state.tokens_seen, state.trained_tokens_seen),
@@ -164,10 +165,6 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
 
 def parameter_count(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: whole sizes
-
-
-def default_block_size(model_config) -> int:
-    return min(1024, getattr(model_config, "max_position_embeddings", 1024))
 
 
 def check_packed_examples_stay_apart(model, rows) -> None:
