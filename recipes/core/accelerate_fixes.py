@@ -1,11 +1,13 @@
-"""Thin fixes over accelerate 1.15: FSDP on CPU and unconnected processes (tested by tests/test_distributed.py), and
-a per-step package lookup (tests/test_accelerate_fixes.py)."""
+"""Thin fixes over accelerate 1.15: FSDP on CPU and unconnected processes (tested by tests/test_distributed.py), a
+per-step package lookup, and a resume's second copy of the weights (tests/test_accelerate_fixes.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -61,3 +63,50 @@ def look_up_lomo_once() -> None:
 
     if not hasattr(accelerate.optimizer.is_lomo_available, "cache_info"):
         accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+
+
+@contextlib.contextmanager
+def checkpoint_weights_loaded_in_place():
+    """Inside, `accelerator.load_state` reads the checkpoint's model weights into the model's own tensors, one tensor
+    at a time, instead of loading the whole file first.
+
+    accelerate 1.15's `load_state` loads `model.safetensors` with safetensors' `load_model`, which reads the whole
+    file into a new state dict (`load_file`) and then copies it into the model: a second copy of the weights at the
+    resume's peak (measured on a 7B model in bf16: the resume peaked 4.3 GiB above the fresh run, on a 24 GiB
+    machine). Here the extra memory is the largest tensor. The rest of `load_state` (optimizer, scheduler, RNG) is
+    accelerate's own.
+    """
+    import accelerate.checkpointing
+
+    whole_file_load = accelerate.checkpointing.load_model
+    accelerate.checkpointing.load_model = load_weights_in_place
+    try:
+        yield
+    finally:
+        accelerate.checkpointing.load_model = whole_file_load
+
+
+def load_weights_in_place(model, filename, strict: bool = True, device="cpu", **_) -> tuple[list, list]:
+    """safetensors.torch.load_model's contract (missing and unexpected names; tied weights saved once count as
+    loaded), with each tensor read (pread, not mmap: no file pages held in the process) and copied into place."""
+    from safetensors import safe_open
+
+    targets = model.state_dict()  # detached views of the model's parameters and buffers
+    try:
+        opened = safe_open(filename, framework="pt", device="cpu", backend="pread")
+    except TypeError:  # safetensors before the backend option: mmap, released when the file closes
+        opened = safe_open(filename, framework="pt", device="cpu")
+    with opened as f:
+        names = list(f.keys())
+        unexpected = [name for name in names if name not in targets]
+        for name in names:
+            if name in targets:
+                with torch.no_grad():
+                    targets[name].copy_(f.get_tensor(name))
+    loaded = {targets[name].untyped_storage().data_ptr() for name in names if name in targets}
+    missing = [name for name, tensor in targets.items()
+               if name not in names and tensor.untyped_storage().data_ptr() not in loaded]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"{filename}: the checkpoint does not match the model (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    return missing, unexpected

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from recipes.core.accelerate_fixes import checkpoint_weights_loaded_in_place
 from recipes.core.config import MODEL_FILES, Config, ConfigError
 
 STATE_FILE = "trainer_state.json"
@@ -133,8 +134,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerSt
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG states (accelerate loads them with weights_only=True)."""
-    accelerator.load_state(str(path))
+    """Restore model, optimizer, scheduler and RNG states (accelerate loads them with weights_only=True); the model's
+    weights are read into it in place (no second copy of them)."""
+    with checkpoint_weights_loaded_in_place():
+        accelerator.load_state(str(path))
     saved = json.loads((path / STATE_FILE).read_text())
     return TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
 

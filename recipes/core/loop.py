@@ -6,12 +6,12 @@ backward and step, and when to switch modes. What a run is made of is set up in 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ from recipes.core.checkpoint import check_run_folder, checkpoints_in, save_check
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.memory_check import check_memory
 from recipes.core.optimizer_recipe import OptimizerRecipe
+from recipes.core.preemption import PreemptedBeforeTraining, PreemptionRequest
 from recipes.core.replicas import replicas_identical
 from recipes.core.run_setup import Run, set_up
 from recipes.core.sources import check_sources, load_model_config
@@ -40,6 +41,11 @@ def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:
     except TrainingStopped as error:
         print(f"{recipe.name}: stopped: {error}", file=sys.stderr)
         sys.exit(1)
+    except PreemptedBeforeTraining as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{recipe.name}: {stopped.signal_name} received before the first step: nothing to save, stopped "
+                  "(nothing written to --output_dir); rerun the same command to start", file=sys.stderr)
+        sys.exit(128 + getattr(signal, stopped.signal_name))  # as if the signal had ended the process
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_before_interpreter_teardown()
 
@@ -64,14 +70,32 @@ class TrainingStopped(RuntimeError):
 
 def train(recipe: OptimizerRecipe, config: Config) -> dict:
     """Run one training job; whatever it installs process-wide (signal handlers) is undone when it returns or
-    raises."""
-    with contextlib.ExitStack() as undo_on_exit:
-        resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume, if any
-        check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line says why
-        memory_note = check_memory(recipe, config, load_model_config(config))  # fits, from the config alone
-        run = set_up(recipe, config, resume_from, undo_on_exit, memory_note)
+    raises. A run that stops before its first step (a signal, an error) leaves nothing of its own in output_dir."""
+    with PreemptionRequest() as preemption:  # until set-up ends, a signal stops the run at once
+        output_dir = Path(config.train.output_dir)
+        there_before = set(output_dir.iterdir()) if output_dir.is_dir() else None
+        try:
+            resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume
+            check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line why
+            memory_note = check_memory(recipe, config, load_model_config(config))  # fits, from the config alone
+            run = set_up(recipe, config, resume_from, preemption, memory_note)
+        except BaseException:
+            remove_what_this_run_wrote(output_dir, there_before)
+            raise
+        preemption.checkpoint_on_signal(run.accelerator)  # from the first step on, a signal saves a checkpoint
         preempted = train_steps(run)
         return preempted or finish(run)
+
+
+def remove_what_this_run_wrote(output_dir: Path, there_before: set | None) -> None:
+    """Before its first step a run has written only its start-up files (run_config.yaml, an empty metrics.jsonl,
+    tracker folders): removed, so that nothing in output_dir looks like a run; what was there before stays."""
+    if int(os.environ.get("RANK", "0")) != 0 or not output_dir.is_dir():
+        return
+    for item in set(output_dir.iterdir()) - (there_before or set()):
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    if there_before is None and not any(output_dir.iterdir()):
+        output_dir.rmdir()
 
 
 # --- train ---------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class PeakMemoryMeter:
         self._since_log: dict[str, float] = {}
         self._run: dict[str, float] = {}
         self._run_phase = self._phase
+        self._by_phase: dict[str, float] = {}
         self._counters_read_and_reset()  # what came before the meter is not the run's
 
     def _counters_read_and_reset(self) -> dict[str, float]:
@@ -63,6 +64,7 @@ class PeakMemoryMeter:
         first = next(iter(peaks))  # peak_allocated_gib on CUDA, peak_rss_gib on a CPU: what sets the phase
         if peaks[first] > self._run.get(first, -1.0):
             self._run_phase = self._phase
+        self._by_phase[self._phase] = max(self._by_phase.get(self._phase, 0.0), peaks[first])
         for key, value in peaks.items():
             self._run[key] = max(self._run.get(key, 0.0), value)
         self._phase = next_phase
@@ -84,21 +86,32 @@ class PeakMemoryMeter:
         return peaks
 
     def run_peak(self) -> dict:
-        """The whole run's peak so far, e.g. {"run_peak_rss_gib": 1.9, "run_peak_phase": "training"}."""
+        """The whole run's peak so far, the phase that set it and each phase's own, e.g. {"run_peak_rss_gib": 1.9,
+        "run_peak_phase": "training", "phase_peak_loading_gib": 1.2, "phase_peak_training_gib": 1.9, ...} (the
+        peak allocated on CUDA, RSS on a CPU; a resumed run's loading includes reading the checkpoint)."""
         self.end_phase(self._phase)
-        return {f"run_{key}": value for key, value in self._run.items()} | {"run_peak_phase": self._run_phase}
+        return ({f"run_{key}": value for key, value in self._run.items()} | {"run_peak_phase": self._run_phase}
+                | {f"phase_peak_{phase}_gib": value for phase, value in self._by_phase.items()})
 
 
-def _peak_rss_bytes_and_reset() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started or since the last reset (Linux VmHWM; elsewhere getrusage's)."""
     try:
         with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return peak
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError):
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _peak_rss_bytes_and_reset() -> int:
+    peak = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+    return peak
 
 
 def tensors_outside_optimizer_state(optimizer) -> list[torch.Tensor]:

@@ -48,7 +48,9 @@ def check_memory(recipe, config: Config, model_config) -> str:
         needs = _needs_each([recipe], model, setting, device)[recipe.name]
     except Exception as error:  # an architecture the meta-device forward cannot run: no check, said so
         return f"memory: no estimate for this model ({type(error).__name__}: {str(error)[:120]}), not checked"
-    low, high = needs * (1 - ESTIMATE_ERROR), needs * (1 + ESTIMATE_ERROR)
+    baseline = PROCESS_BASELINE[device]
+    low = baseline + (needs - baseline) * (1 - ESTIMATE_ERROR)
+    high = baseline + (needs - baseline) * (1 + ESTIMATE_ERROR)
     if low > available:
         message = (f"this run needs about {needs / GIB:.1f} GiB per device (estimate: "
                    f"{_describe(setting)}) and {where.format(f'{available / GIB:.1f} GiB')}; "

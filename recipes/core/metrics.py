@@ -24,10 +24,11 @@ class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0,
                  tokens_seen: tuple[int, int] = (0, 0), loss_since_evaluation: list | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 memory: PeakMemoryMeter | None = None):
+                 peak_flops_source: str | None = None, memory: PeakMemoryMeter | None = None):
         """A resumed run (first_step > 0) appends to metrics.jsonl; a fresh one starts it anew. `tokens_seen`: the
-        (input, trained) tokens of the steps before first_step. MFU is logged where `peak_flops` is known. `memory`:
-        the run's meter (a new one if not given), read at every log point."""
+        (input, trained) tokens of the steps before first_step. MFU is logged where `peak_flops` (one process's
+        device, FLOP/s; `peak_flops_source` says what it is) is known. `memory`: the run's meter (a new one if not
+        given), read at every log point."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.is_main, desc="training",
@@ -44,8 +45,11 @@ class TrainingMetrics:
         self._interval_tokens = [0, 0]  # (input, trained) tokens of all processes since the last log point
         self._started = self._run_started = self.training_started = time.perf_counter()
         self._first_step = first_step
+        self._flops_per_token = flops_per_token
         self._mfu_per_token_per_s = flops_per_token / (peak_flops * accelerator.num_processes) if peak_flops else None
+        self.peak_flops, self.peak_flops_source = (peak_flops, peak_flops_source) if peak_flops else (None, None)
         self.mfu_values: list[float] = []
+        self.achieved_flops_values: list[float] = []  # training FLOP/s of all processes, one per log point
         self.memory = memory or PeakMemoryMeter(accelerator.device)
 
     def add_step(self, loss_sum: torch.Tensor, token_counts: torch.Tensor,
@@ -96,6 +100,8 @@ class TrainingMetrics:
         if trained:
             record["token_accuracy"] = correct / trained  # of the training batches since the last log point
         self._predictions.zero_()
+        if self._flops_per_token:
+            self.achieved_flops_values.append(rate[0] * self._flops_per_token)
         if self._mfu_per_token_per_s is not None:
             record["mfu"] = rate[0] * self._mfu_per_token_per_s
             self.mfu_values.append(record["mfu"])
@@ -124,8 +130,13 @@ class TrainingMetrics:
 
     def median_mfu(self) -> float | None:
         """Median over log points, the first (warm-up) left out when there are others."""
-        values = self.mfu_values[1:] or self.mfu_values
-        return sorted(values)[len(values) // 2] if values else None
+        return _median_after_warm_up(self.mfu_values)
+
+    def throughput_summary(self) -> dict:
+        """For results.json: the median MFU, the achieved training FLOP/s of all processes (median like the MFU's),
+        and the one-device rate the MFU is against with what it is: mfu = achieved / (peak x processes)."""
+        return {"mfu": self.median_mfu(), "achieved_flops_per_s": _median_after_warm_up(self.achieved_flops_values),
+                "peak_flops_per_s": self.peak_flops, "peak_flops_source": self.peak_flops_source}
 
     def write(self, record: dict, suffix: str = "") -> None:
         if not self.is_main:
@@ -141,6 +152,12 @@ class TrainingMetrics:
         self.bar.close()
         if self.jsonl:
             self.jsonl.close()
+
+
+def _median_after_warm_up(values: list[float]) -> float | None:
+    """Median over log points, the first (warm-up) left out when there are others."""
+    values = values[1:] or values
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def _duration(seconds: float) -> str:

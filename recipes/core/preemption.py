@@ -1,24 +1,34 @@
 """Preemption: SIGTERM, or SIGUSR1 (what SLURM sends before a time limit), asks the run to checkpoint and stop.
 
-The signal only sets accelerate's trigger; the loop polls it once per optimizer step (an all-reduce when
-distributed; free with one process), so every rank stops after the same step and they checkpoint together.
+From the start of a run until its set-up ends (flags read, data and model loaded: minutes for a large model) there
+is nothing to save, so a signal stops the run at once (`PreemptedBeforeTraining`, raised from the handler; the loop
+removes what the run had written and says so in one line). From then on the signal only sets accelerate's trigger;
+the loop polls it once per optimizer step (an all-reduce when distributed; free with one process), so every rank
+stops after the same step and they checkpoint together.
 """
 
 from __future__ import annotations
 
 import signal
 
-from accelerate import Accelerator
-
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptedBeforeTraining(BaseException):
+    """A preemption signal arrived before the first optimizer step: nothing to save. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way (in a library loading the model) swallows it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 class PreemptionRequest:
     """A context: installs the handlers on entry and puts back the ones it replaced on exit, so a programme that
     calls train() in-process (a notebook, a sweep) gets its own SIGTERM behaviour back when the run ends."""
 
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
+    def __init__(self):
+        self.accelerator = None  # set by `checkpoint_on_signal` once there is a run to save
         self.signal_name: str | None = None
         self._replaced: dict = {}
 
@@ -30,8 +40,18 @@ class PreemptionRequest:
         for sig, handler in self._replaced.items():
             signal.signal(sig, handler)
 
+    def checkpoint_on_signal(self, accelerator) -> None:
+        """From now on a signal asks for a checkpoint at the end of the current step, instead of stopping at once."""
+        self.accelerator = accelerator
+
+    @property
+    def training(self) -> bool:
+        return self.accelerator is not None
+
     def _on_signal(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        if self.accelerator is None:
+            raise PreemptedBeforeTraining(self.signal_name)
         self.accelerator.set_trigger()
 
     def requested(self) -> bool:

@@ -7,7 +7,6 @@ everything to accelerate; a resumed run gets its checkpoint's state. The start-u
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -68,8 +67,8 @@ class Run:
         return Path(self.config.train.output_dir)
 
 
-def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None,
-           undo_on_exit: contextlib.ExitStack, memory_note: str = "") -> Run:
+def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, preemption: PreemptionRequest,
+           memory_note: str = "") -> Run:
     t = config.train
     output_dir = Path(t.output_dir)
     accelerator = build_accelerator(config, recipe)
@@ -135,7 +134,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None,
                                                  accelerator.device),
                memory_profile=MemoryProfile(output_dir, model, optimizer, write=accelerator.is_main_process,
                                             step=min(state.step + 2, total_steps) if t.profile_memory else None),
-               preemption=undo_on_exit.enter_context(PreemptionRequest(accelerator)),
+               preemption=preemption,
                first_bad_step=torch.zeros((), dtype=torch.long, device=accelerator.device))
 
 

@@ -1,16 +1,23 @@
-"""Model FLOPs utilisation (MFU): achieved training FLOP/s over the GPU's peak, the nanoGPT / torchtitan convention.
+"""Model FLOPs utilisation (MFU): achieved training FLOP/s over the device's peak, the nanoGPT / torchtitan convention.
 
 FLOPs per trained-on token = 6 x (parameters - input embedding) + 12 x layers x heads x head_dim x sequence length:
 forward and backward of every matmul, plus attention's scores and weighted values, at the row length (for packed
 examples an upper bound: each example attends only to itself). Recomputation under gradient checkpointing is not
-counted (it is not useful work). The peak is the GPU's dense bf16 figure whatever the run's precision; an unknown
-GPU, or no GPU, gives no MFU.
+counted (it is not useful work).
+
+The peak: on a GPU, its dense bf16 figure from the table below whatever the run's precision (an unknown GPU gives no
+MFU); on a CPU, this process's dense matmul rate measured at start-up in the run's compute dtype (bf16 under bf16
+autocast or with bf16 weights, else fp32; fp16 weights give no MFU), at its torch thread count: a CPU has no
+published peak that matmuls reach, so MFU there says how far training is from the machine's own best matmul.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +26,9 @@ import torch
 # dense bf16 TFLOP/s; matched against torch.cuda.get_device_name, most specific first
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", None), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                     ("L4", 121.0), ("RTX 4090", 165.0))
+STARTUP_MATMUL = (2048, 2048, 2048)  # (m, k, n) of the start-up measurement: under 1 s in fp32 on one thread
+MEASURED_CPU_DTYPES = (torch.float32, torch.bfloat16)  # fp16 matmuls on a CPU without fp16 units take minutes
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def hardware() -> str:
@@ -32,15 +42,64 @@ def hardware() -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores"
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
-    """The device's dense bf16 peak in FLOP/s, or None (CPU, or a GPU not in the table)."""
+def cpu_matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = STARTUP_MATMUL, calls: int = 3) -> float:
+    """This process's dense matmul rate on the CPU in FLOP/s: (m x k) @ (k x n) in `dtype` at the current torch
+    thread count, one warm-up call, then the median of `calls` timed ones."""
+    m, k, n = shape
+    generator = torch.Generator().manual_seed(0)  # not the global generator: measuring must not change the run's
+    a = torch.randn(m, k, generator=generator).to(dtype)
+    b = torch.randn(k, n, generator=generator).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm-up: the library's kernels chosen, the output's pages touched
+    seconds = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        seconds.append(time.perf_counter() - started)
+    return 2 * m * k * n / statistics.median(seconds)
+
+
+@functools.lru_cache(maxsize=None)
+def _startup_cpu_matmul_flops(dtype: torch.dtype, threads: int) -> float:
+    return cpu_matmul_flops(dtype)
+
+
+def startup_cpu_matmul_flops(dtype: torch.dtype) -> float:
+    """`cpu_matmul_flops` at the start-up shape, measured once per process, dtype and thread count."""
+    return _startup_cpu_matmul_flops(dtype, torch.get_num_threads())
+
+
+def compute_dtype(mixed_precision: str, model: torch.nn.Module) -> torch.dtype:
+    """The dtype the run's matmuls run in: bf16 under bf16 autocast, else the weights' (--dtype)."""
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _peak_table_entry(device: torch.device) -> Optional[tuple[str, Optional[float]]]:
+    name = torch.cuda.get_device_name(device)
+    return next(((key, tflops) for key, tflops in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[float]:
+    """The rate MFU is against, in FLOP/s, or None: a GPU's dense bf16 peak from the table (whatever `dtype`), a
+    CPU's measured matmul rate in `dtype` (fp32 or bf16); None for a GPU not in the table, fp16 on a CPU, or another
+    device."""
+    if device.type == "cpu":
+        return startup_cpu_matmul_flops(dtype) if dtype in MEASURED_CPU_DTYPES else None
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return None if tflops is None else tflops * 1e12
-    return None
+    entry = _peak_table_entry(device)
+    return None if entry is None or entry[1] is None else entry[1] * 1e12
+
+
+def peak_flops_source(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """What `peak_flops` is, for results.json: "measured cpu bf16 matmul", "table: H100 dense bf16", or None."""
+    if peak_flops(device, dtype) is None:
+        return None
+    if device.type == "cpu":
+        return f"measured cpu {DTYPE_NAMES[dtype]} matmul"
+    return f"table: {_peak_table_entry(device)[0]} dense bf16"
 
 
 def flops_per_token(model_config, num_parameters: int, embedding_parameters: int, sequence_length: int) -> float:
@@ -50,10 +109,18 @@ def flops_per_token(model_config, num_parameters: int, embedding_parameters: int
     return 6 * (num_parameters - embedding_parameters) + 12 * layers * heads * head_dim * sequence_length
 
 
-def mfu_note(device: torch.device) -> str:
+def mfu_note(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Said once at start-up."""
-    if peak_flops(device) is not None:
-        return f"MFU against the {torch.cuda.get_device_name(device)}'s dense bf16 peak"
+    peak = peak_flops(device, dtype)
+    if device.type == "cpu":
+        if peak is None:
+            return f"no MFU: {DTYPE_NAMES.get(dtype, dtype)} matmuls on a CPU are not measured (fp32 and bf16 are)"
+        m, k, n = STARTUP_MATMUL
+        shape = f"{m}^3" if m == k == n else f"{m}x{k}x{n}"
+        return (f"MFU against this CPU's measured {DTYPE_NAMES[dtype]} matmul rate ({peak / 1e9:,.0f} GFLOP/s, "
+                f"{shape}, {torch.get_num_threads()} thread(s), measured at start-up)")
     if device.type != "cuda":
-        return "no MFU on a CPU"
+        return f"no MFU on a {device.type} device"
+    if peak is not None:
+        return f"MFU against the {torch.cuda.get_device_name(device)}'s dense bf16 peak"
     return f"no MFU: {torch.cuda.get_device_name(device)} is not in the peak table (recipes/core/throughput.py)"

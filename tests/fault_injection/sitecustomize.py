@@ -3,8 +3,8 @@
 It changes nothing unless one of these is set:
 - INJECT_SLOW_SAVE=N: the N-th checkpoint save (1-based) writes its files, touches `<dir>/.save-in-progress`,
   then sleeps, so a test can SIGKILL the run in the middle of a save.
-- INJECT_NAN_AT_STEP=N: the N-th training forward pass of a Llama returns NaN logits (with the chunked loss: NaN
-  per-row losses), so the loss is NaN.
+- INJECT_NAN_AT_STEP=N: the N-th training forward pass of a Llama with real weights (not the memory check's, on
+  the meta device) returns NaN logits (with the chunked loss: NaN per-row losses), so the loss is NaN.
 """
 
 import os
@@ -35,7 +35,7 @@ if os.environ.get("INJECT_NAN_AT_STEP"):
 
     def forward(self, *args, **kwargs):
         out = _forward(self, *args, **kwargs)
-        if self.training:
+        if self.training and self.lm_head.weight.device.type != "meta":  # not the memory estimator's forward
             _calls[0] += 1
             if _calls[0] == int(os.environ["INJECT_NAN_AT_STEP"]):
                 out.logits = out.logits * float("nan")  # what the loop's loss is computed from
