@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--per_device_eval_batch_size", type=int, default=1)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--max_steps", type=int, default=2)
-    parser.add_argument("--documents", type=int, default=60, help="lines of the generated text file")
+    parser.add_argument("--documents", type=int, default=400, help="lines of the generated text file (5%% held out)")
     parser.add_argument("--keep", action="store_true", help="keep the model and run folders")
     args = parser.parse_args(argv)
 

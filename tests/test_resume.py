@@ -140,6 +140,39 @@ def test_preemption_signal_checkpoints_exits_zero_and_resume_matches_an_uninterr
     assert results(out)["eval_loss"] == results(straight)["eval_loss"]
 
 
+def signal_while_loading(out: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python recipes/adamw.py ...` sent SIGTERM while it loads its model (slowed down to a minute)."""
+    loading = tmp_path / "loading"
+    cmd = [sys.executable, str(REPO / "recipes" / "adamw.py"), *args, "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=offline_env(PYTHONPATH=FAULTS, INJECT_SLOW_MODEL_LOAD=str(loading)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(loading.exists)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - started < 30  # at once, not after the minute of loading
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_signal_before_the_first_step_stops_at_once_and_leaves_no_run(tmp_path):
+    out = tmp_path / "out"
+    proc = signal_while_loading(out, tmp_path, "--max_steps", "4")
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "adamw: SIGTERM received before the first step: nothing to save, stopped (nothing written to --output_dir); "
+        "rerun the same command to start")
+    assert not out.exists()
+
+
+def test_signal_while_a_resume_loads_keeps_the_run_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    run_here("adamw", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out))
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = signal_while_loading(out, tmp_path, "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 128 + signal.SIGTERM and "before the first step" in proc.stderr
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before  # not a file touched
+
+
 def test_nonfinite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = launch("adamw", "--max_steps", "20", "--save_steps", "3", "--logging_steps", "1", "--output_dir", str(out),

@@ -5,6 +5,8 @@ It changes nothing unless one of these is set:
   then sleeps, so a test can SIGKILL the run in the middle of a save.
 - INJECT_NAN_AT_STEP=N: the N-th training forward pass of a Llama with real weights (not the memory check's, on
   the meta device) returns NaN logits (with the chunked loss: NaN per-row losses), so the loss is NaN.
+- INJECT_SLOW_MODEL_LOAD=FILE: the recipe's model loading touches FILE, then sleeps a minute, so a test can signal
+  a run before its first step.
 """
 
 import os
@@ -42,3 +44,18 @@ if os.environ.get("INJECT_NAN_AT_STEP"):
         return out
 
     modeling_llama.LlamaForCausalLM.forward = forward
+
+if os.environ.get("INJECT_SLOW_MODEL_LOAD"):
+    import time
+
+    from recipes.core import sources
+
+    _load_model = sources.load_model
+
+    def load_model(*args, **kwargs):
+        """Touch the file INJECT_SLOW_MODEL_LOAD names, then take a minute, as a large model's loading does."""
+        open(os.environ["INJECT_SLOW_MODEL_LOAD"], "w").close()
+        time.sleep(60)
+        return _load_model(*args, **kwargs)
+
+    sources.load_model = load_model

@@ -1,0 +1,58 @@
+"""Writing a checkpoint, resuming from it and the final save add no copy of the weights to the run's peak: measured
+per phase (results.json) on a 0.54B-parameter random model in bf16, whose 1 GiB of weights dwarf the rest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.make_model import write_model
+from recipes.core.embedded import train_documents
+from recipes.core.memory_check import GIB, PROCESS_BASELINE
+from tests.conftest import REPO, launch, results, shared_output
+
+MID_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=16)
+# what a phase may hold beyond the weights and what another phase held: a tenth of the weights, not a copy of them
+NOT_A_COPY = 0.15
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    def produce(out):
+        shape = json.loads((REPO / "launch" / "shapes" / "llama-7b.json").read_text()) | MID_SHAPE
+        (out / "shape.json").write_text(json.dumps(shape))
+        made = write_model(str(out / "shape.json"), out / "model")
+        (out / "text.txt").write_text("".join(doc + "\n" for doc in train_documents()[:40]))
+        args = ["--model_name_or_path", str(out / "model"), "--dtype", "bfloat16", "--dataset_name",
+                str(out / "text.txt"), "--block_size", "32", "--per_device_train_batch_size", "1",
+                "--save_steps", "1", "--output_dir", str(out / "run")]
+        launch("lomo", *args, "--max_steps", "1", timeout=600)
+        (out / "fresh.json").write_text(json.dumps(results(out / "run")))
+        launch("lomo", *args, "--max_steps", "2", "--resume_from_checkpoint", "latest", timeout=600)
+        (out / "made.json").write_text(json.dumps(made))
+    out = shared_output(tmp_path_factory, "checkpoint-memory", produce)
+    made = json.loads((out / "made.json").read_text())
+    return {"fresh": json.loads((out / "fresh.json").read_text()), "resumed": results(out / "run"), "made": made,
+            "weights_gib": made["weights_gib"]}
+
+
+def test_the_model_is_written_without_a_second_copy(runs):
+    """launch/make_model.py builds the model in bf16 and saves it sharded: its peak is the weights once."""
+    made = runs["made"]
+    assert made["peak_rss_gib"] <= PROCESS_BASELINE["cpu"] / GIB + (1 + NOT_A_COPY) * made["weights_gib"]
+
+
+def test_resuming_reads_the_checkpoint_into_the_model_in_place(runs):
+    """The resumed run's loading (the model, then the checkpoint's weights over it) holds the weights once: with
+    accelerate's own load_state it held them twice (the whole file, then the model)."""
+    loading = runs["resumed"]["phase_peak_loading_gib"]
+    assert loading <= PROCESS_BASELINE["cpu"] / GIB + (1 + NOT_A_COPY) * runs["weights_gib"]
+
+
+@pytest.mark.parametrize("run", ["fresh", "resumed"])
+def test_checkpoint_and_final_save_add_no_copy(runs, run):
+    peaks = runs[run]
+    before_saving = max(peaks["phase_peak_loading_gib"], peaks["phase_peak_training_gib"])
+    assert peaks["phase_peak_saving_gib"] <= before_saving + NOT_A_COPY * runs["weights_gib"]
