@@ -278,6 +278,9 @@ def finish(run: Run) -> dict:
     return results
 
 
+MAX_SHARD_SIZE = "5GB"  # the Hub's convention; transformers 5 would write a 7B model as one 13 GB file
+
+
 def save_model(accelerator: Accelerator, model, state_dict: dict, tokenizer, output_dir: Path) -> None:
     """save_pretrained (safetensors) + tokenizer, written beside output_dir and moved in only when complete.
 
@@ -285,8 +288,11 @@ def save_model(accelerator: Accelerator, model, state_dict: dict, tokenizer, out
     if accelerator.is_main_process:
         staging = output_dir / ".saving-model"
         shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(staging)
+        for old in output_dir.glob("model*.safetensors*"):  # an earlier save's shards (another layout) go too
+            if not (staging / old.name).exists():
+                old.unlink()
         for item in staging.iterdir():
             os.replace(item, output_dir / item.name)
         staging.rmdir()
