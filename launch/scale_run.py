@@ -62,10 +62,11 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def measured(out: Path, wall_s: float) -> dict:
+def measured(out: Path, wall_s: float, after_step: int) -> dict:
+    """The run's figures; its steps are those after `after_step` (a resumed run appends to metrics.jsonl)."""
     results = json.loads((out / "results.json").read_text())
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in steps if "seconds_per_step" in r]
+    timed = [r for r in steps if "seconds_per_step" in r and r["step"] > after_step]
     later = timed[1:] or timed  # the first step of a process is its warm-up
     return {"phases_gib": {p: results.get(f"phase_peak_{p}_gib") for p in PHASES},
             "run_peak_gib": results.get("run_peak_rss_gib", results.get("run_peak_allocated_gib")),
@@ -74,6 +75,7 @@ def measured(out: Path, wall_s: float) -> dict:
             "first_step_s": timed[0]["seconds_per_step"] if timed else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in later) if later else None,
             "achieved_flops_per_s": results.get("achieved_flops_per_s"), "mfu": results.get("mfu"),
+            "mfu_against": results.get("peak_flops_source"), "peak_flops_per_s": results.get("peak_flops_per_s"),
             "eval_loss": results.get("eval_loss"), "wall_s": wall_s}
 
 
@@ -103,10 +105,11 @@ def report(rows: dict, args, shape: str, parameters: int) -> str:
              "(GiB); the estimate is the estimator's run peak plus the process's baseline (what the pre-flight check "
              "compares). Fresh: a "
              f"{args.max_steps}-step run; resumed: one more step from its checkpoint (loading includes reading the "
-             "checkpoint).", "",
+             "checkpoint). s/step: the median after each process's first step; MFU: achieved FLOP/s over "
+             "this CPU's bf16 matmul rate measured at start-up (recipes/core/throughput.py).", "",
              "| recipe | run | loading | training | evaluation | saving | run peak | estimate (+baseline) | "
-             "peak / estimate | s/step | first step s | tokens/s | achieved GFLOP/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak / estimate | s/step | first step s | tokens/s | achieved GFLOP/s | MFU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         for kind in ("fresh", "resumed"):
             m, e = row[kind], row["estimate"]
@@ -115,7 +118,7 @@ def report(rows: dict, args, shape: str, parameters: int) -> str:
             lines.append(f"| `{name}` | {kind} | {phases} | {m['run_peak_gib']:.2f} ({m['run_peak_phase']}) | "
                          f"{e['with_baseline_gib']:.2f} | {m['run_peak_gib'] / e['with_baseline_gib']:.2f} | "
                          f"{m['seconds_per_step']:.1f} | {m['first_step_s']:.1f} | {m['tokens_per_s']:.2f} | "
-                         f"{flops} |")
+                         f"{flops} | {m['mfu']:.2f} |" if m.get("mfu") else f"{flops} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +158,7 @@ def main(argv=None) -> None:
         row = {"estimate": estimated(name, model, args)}
         for kind, steps, resume in (("fresh", args.max_steps, False), ("resumed", args.max_steps + 1, True)):
             wall = run(recipe_command(name, model, data, out, args, steps, resume), work / f"{name}-{kind}.log")
-            row[kind] = measured(out, wall)
+            row[kind] = measured(out, wall, after_step=args.max_steps if resume else 0)
             print(f"{name} {kind}: {json.dumps(row[kind])}", flush=True)
         rows[name] = row
         if not args.keep:

@@ -267,7 +267,7 @@ def finish(run: Run) -> dict:
     state.tokens_seen, state.trained_tokens_seen = metrics.sync_tokens()
     results = {"step": state.step, **evaluation, "perplexity": math.exp(min(evaluation["eval_loss"], 700)),
                "train_runtime_s": time.perf_counter() - metrics.training_started, "tokens_seen": state.tokens_seen,
-               "trained_tokens_seen": state.trained_tokens_seen, "mfu": metrics.median_mfu(),
+               "trained_tokens_seen": state.trained_tokens_seen, **metrics.throughput_summary(),
                "num_processes": accelerator.num_processes, "replicas_identical": identical,
                **run.memory_meter.run_peak()}  # this process's peak over the whole run, and the phase that set it
     metrics.write(results)

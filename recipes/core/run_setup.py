@@ -31,7 +31,7 @@ from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
 from recipes.core.sources import load_model, load_model_config, load_tokenizer
-from recipes.core.throughput import flops_per_token, mfu_note, peak_flops
+from recipes.core.throughput import compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source
 from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
 
 ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -89,6 +89,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     embedding = model.get_input_embeddings().weight
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
                                                getattr(embedding, "ds_numel", embedding.numel()), block_size)
+    matmul_dtype = compute_dtype(accelerator.mixed_precision, model)  # what the CPU's MFU is measured against
     total_steps = total_optimizer_steps(config, len(train_loader) // accelerator.num_processes)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
                               num_training_steps=total_steps)
@@ -116,7 +117,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
                       f"({accelerator.distributed_type}), {parameter_count(model):,} parameters"
                       + (f", resuming at step {state.step} from {resume_from}" if resume_from else "")
                       + schedule_note
-                      + f"; {mfu_note(accelerator.device)}"
+                      + f"; {mfu_note(accelerator.device, matmul_dtype)}"
                       + "".join(f"\n--{flag} {why}" for flag, why in config.defaults_used.items())
                       + f"\n{data_summary.describe()}\n{loss_note}"
                       + (f"\n{memory_note}" if memory_note else ""))
@@ -124,7 +125,9 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step,
                               tokens_seen=(state.tokens_seen, state.trained_tokens_seen),
                               loss_since_evaluation=state.loss_since_evaluation,
-                              flops_per_token=training_flops_per_token, peak_flops=peak_flops(accelerator.device),
+                              flops_per_token=training_flops_per_token,
+                              peak_flops=peak_flops(accelerator.device, matmul_dtype),
+                              peak_flops_source=peak_flops_source(accelerator.device, matmul_dtype),
                               memory=memory_meter)
     return Run(recipe=recipe, config=config, accelerator=accelerator, model=model, optimizer=optimizer,
                scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, shuffle=shuffle,
