@@ -80,6 +80,7 @@ def measured(out: Path, wall_s: float, after_step: int) -> dict:
 
 
 def estimated(recipe_name: str, model: Path, args) -> dict:
+    import torch
     from transformers import AutoConfig
 
     from recipes.core.memory_check import PROCESS_BASELINE
@@ -87,12 +88,13 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
     from recipes.core.optimizer_recipe import all_recipes
 
     recipe = next(r for r in all_recipes() if r.name == recipe_name)
-    device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     e = estimate(recipe, meta_model(None, config=AutoConfig.from_pretrained(model)), "bf16",
                  args.per_device_train_batch_size, args.block_size, True, eval_batch=args.per_device_eval_batch_size)
     gib = 2**30
     return {"training_gib": e.training / gib, "evaluation_gib": e.evaluation / gib, "total_gib": e.total / gib,
-            "baseline_gib": PROCESS_BASELINE[device] / gib, "with_baseline_gib": (e.total + PROCESS_BASELINE[device]) / gib}
+            "baseline_gib": PROCESS_BASELINE[device] / gib,
+            "with_baseline_gib": (e.total + PROCESS_BASELINE[device]) / gib}
 
 
 def report(rows: dict, args, shape: str, parameters: int) -> str:
@@ -125,7 +127,8 @@ def report(rows: dict, args, shape: str, parameters: int) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where report.md and report.json go")
-    parser.add_argument("--shape", default="llama-7b", help="a launch/shapes/ name (python launch/make_model.py --list)")
+    parser.add_argument("--shape", default="llama-7b",
+                        help="a launch/shapes/ name (python launch/make_model.py --list) or a config.json")
     parser.add_argument("--model_dir", default=None, help="the model folder (default: runs/scale/<shape>; written if "
                                                           "absent, deleted at the end unless --keep)")
     parser.add_argument("--work_dir", default="runs/scale", help="run folders (deleted after each is read)")

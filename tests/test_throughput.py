@@ -1,4 +1,4 @@
-"""MFU: FLOPs per token by the nanoGPT/torchtitan convention, and the GPU peak table."""
+"""MFU: FLOPs per token by the nanoGPT/torchtitan convention, the GPU peak table, a CPU's measured matmul rate."""
 
 from __future__ import annotations
 
@@ -26,9 +26,45 @@ def test_peak_table(name, tflops, monkeypatch):
     assert ("no MFU" in throughput.mfu_note(torch.device("cuda", 0))) == (tflops is None)
 
 
-def test_no_mfu_on_cpu():
-    assert throughput.peak_flops(torch.device("cpu")) is None
-    assert throughput.mfu_note(torch.device("cpu")) == "no MFU on a CPU"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cpu_run_has_mfu_against_its_measured_matmul_rate(dtype):
+    peak = throughput.peak_flops(torch.device("cpu"), dtype)
+    assert 1e8 < peak < 1e14  # positive and finite; no timing is asserted
+    name = throughput.DTYPE_NAMES[dtype]
+    assert throughput.peak_flops_source(torch.device("cpu"), dtype) == f"measured cpu {name} matmul"
+    assert f"MFU against this CPU's measured {name} matmul rate" in throughput.mfu_note(torch.device("cpu"), dtype)
+
+
+def test_the_compute_dtype_follows_autocast_then_the_weights():
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert throughput.compute_dtype("bf16", torch.nn.Linear(2, 2)) == torch.bfloat16
+    assert throughput.compute_dtype("no", model) == torch.bfloat16
+    assert throughput.compute_dtype("no", torch.nn.Linear(2, 2)) == torch.float32
+
+
+def test_results_carry_mfu_achieved_flops_and_what_they_are_against(tmp_path):
+    from tests.conftest import results, run_here
+
+    run_here("adamw", "--max_steps", "3", "--logging_steps", "1", "--output_dir", str(tmp_path / "out"))
+    done = results(tmp_path / "out")
+    assert 0 < done["mfu"] <= 1 and done["peak_flops_source"] == "measured cpu fp32 matmul"
+    assert done["achieved_flops_per_s"] == pytest.approx(done["mfu"] * done["peak_flops_per_s"], rel=1e-6)
+
+
+def test_matmul_rate_command_prints_its_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, offline_env
+
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "matmul_rate.py"), "--sizes", "64,128", "--rounds",
+                           "2", "--output", str(tmp_path / "rates.json")], cwd=REPO, env=offline_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 64 x 64 x 64 |" in proc.stdout and "bf16 / fp32" in proc.stdout
+    rows = json.loads((tmp_path / "rates.json").read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"fp32", "bf16"} and all(r["gflops"] > 0 for r in rows)
 
 
 def test_the_log_line_carries_mfu_from_the_measured_token_rate(tmp_path, fresh_accelerate_state):
@@ -45,3 +81,20 @@ def test_the_log_line_carries_mfu_from_the_measured_token_rate(tmp_path, fresh_a
     assert record["mfu"] == pytest.approx(record["tokens_per_s"] * 1e6 / 1e9)
     assert metrics.sync_tokens() == (1024, 200)
     metrics.close()
+
+
+def test_precision_speed_command_runs_each_precision(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, offline_env
+
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "precision_speed.py"), "--max_steps", "3",
+                           "--warmup", "1", "--rounds", "1", "--block_size", "32", "--per_device_train_batch_size",
+                           "2", "--output", str(tmp_path / "runs.json")], cwd=REPO, env=offline_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| fp32 |" in proc.stdout and "| bf16 autocast |" in proc.stdout and "| bf16 weights |" in proc.stdout
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert all(r["seconds_per_step"] > 0 and r["eval_loss"] > 0 for rows in runs.values() for r in rows)

@@ -42,21 +42,30 @@ def hardware() -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores"
 
 
+class CpuMatmul:
+    """(m x k) @ (k x n) in one dtype on the CPU, its operands and output allocated once, to be timed call by call."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, int, int] = STARTUP_MATMUL):
+        m, k, n = shape
+        generator = torch.Generator().manual_seed(0)  # not the global generator: measuring must not change the run's
+        self.a = torch.randn(m, k, generator=generator).to(dtype)
+        self.b = torch.randn(k, n, generator=generator).to(dtype)
+        self.out = torch.empty(m, n, dtype=dtype)
+        self.flops = 2 * m * k * n
+
+    def seconds(self) -> float:
+        """One call's wall time, at the current torch thread count."""
+        started = time.perf_counter()
+        torch.matmul(self.a, self.b, out=self.out)
+        return time.perf_counter() - started
+
+
 def cpu_matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = STARTUP_MATMUL, calls: int = 3) -> float:
     """This process's dense matmul rate on the CPU in FLOP/s: (m x k) @ (k x n) in `dtype` at the current torch
     thread count, one warm-up call, then the median of `calls` timed ones."""
-    m, k, n = shape
-    generator = torch.Generator().manual_seed(0)  # not the global generator: measuring must not change the run's
-    a = torch.randn(m, k, generator=generator).to(dtype)
-    b = torch.randn(k, n, generator=generator).to(dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm-up: the library's kernels chosen, the output's pages touched
-    seconds = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        seconds.append(time.perf_counter() - started)
-    return 2 * m * k * n / statistics.median(seconds)
+    matmul = CpuMatmul(dtype, shape)
+    matmul.seconds()  # warm-up: the library's kernels chosen, the output's pages touched
+    return matmul.flops / statistics.median(matmul.seconds() for _ in range(calls))
 
 
 @functools.lru_cache(maxsize=None)
