@@ -25,7 +25,7 @@ DEFAULT_SIZES = "1024,2048,4096,2048x4096x4096"
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
-    """"N" is N x N x N; "MxKxN" is (M x K) @ (K x N)."""
+    """A size: N is N x N x N; MxKxN is (M x K) @ (K x N)."""
     parts = [int(x) for x in text.split("x")]
     if len(parts) not in (1, 3):
         raise argparse.ArgumentTypeError(f"{text!r}: a size is N or MxKxN")
