@@ -56,3 +56,27 @@ def test_checkpoint_and_final_save_add_no_copy(runs, run):
     peaks = runs[run]
     before_saving = max(peaks["phase_peak_loading_gib"], peaks["phase_peak_training_gib"])
     assert peaks["phase_peak_saving_gib"] <= before_saving + NOT_A_COPY * runs["weights_gib"]
+
+
+def test_scale_run_reports_every_phase_of_a_fresh_and_a_resumed_run(tmp_path):
+    """launch/scale_run.py (the 7B reproduction) on a tiny shape: both runs measured, folders deleted after."""
+    import subprocess
+    import sys
+
+    from tests.conftest import offline_env
+
+    shape = json.loads((REPO / "launch" / "shapes" / "llama-7b.json").read_text()) | dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    (tmp_path / "tiny.json").write_text(json.dumps(shape))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "scale_run.py"), "--output_dir",
+                           str(tmp_path / "report"), "--shape", str(tmp_path / "tiny.json"), "--work_dir", str(tmp_path / "work"), "--recipes",
+                           "lomo", "--block_size", "64"], cwd=REPO, env=offline_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]["lomo"]
+    for kind in ("fresh", "resumed"):
+        assert all(row[kind]["phases_gib"][phase] > 0 for phase in ("loading", "training", "evaluation", "saving"))
+        assert row[kind]["seconds_per_step"] > 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| `lomo` | fresh |" in table and "| `lomo` | resumed |" in table
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["lomo-fresh.log", "lomo-resumed.log", "text.txt"]
