@@ -156,6 +156,29 @@ class OptimizerArguments:
                                           "loss, refreshed at each --eval_steps evaluation)."})
     grokadamw_signal_decay_rate: float = field(
         default=0.1, metadata={"help": "GrokAdamW: alpha = alpha_init * exp(-rate * signal)."})
+    optim_target_modules: str = field(
+        default="all-linear", metadata={"help": "GaLore/APOLLO: the nn.Linear modules whose weight gradients are "
+                                                 "projected: all-linear (every nn.Linear but the output layer: the "
+                                                 "decoder blocks' projections) or comma-separated parts of module "
+                                                 "names (e.g. self_attn,mlp); the rest get full-rank AdamW."})
+    galore_rank: int = field(default=128, metadata={"help": "GaLore: rank of the projection."})
+    galore_update_interval: int = field(
+        default=200, metadata={"help": "GaLore: steps between refreshes of the projection (an SVD of the gradient)."})
+    galore_scale: float = field(default=0.25, metadata={"help": "GaLore: scale of the projected-back update."})
+    galore_proj_type: str = field(
+        default="std", metadata={"help": "GaLore: std (project the shorter side), reverse_std, left, right or full."})
+    apollo_rank: Optional[int] = field(
+        default=None, metadata={"help": "APOLLO: rank of the random projection; default 128 (apollo), 1 (apollo_mini)."})
+    apollo_update_interval: int = field(
+        default=200, metadata={"help": "APOLLO: steps between refreshes of the projection."})
+    apollo_scale: Optional[float] = field(
+        default=None, metadata={"help": "APOLLO: scale of the update; default 1.0 (apollo), 128 (apollo_mini)."})
+    apollo_scale_type: Optional[str] = field(
+        default=None, metadata={"help": "APOLLO: channel (one scaling factor per row or column) or tensor; default "
+                                         "channel (apollo), tensor (apollo_mini)."})
+    apollo_proj: str = field(default="random", metadata={"help": "APOLLO: random (seeded) or svd projection."})
+    apollo_proj_type: str = field(
+        default="std", metadata={"help": "APOLLO: std (project the shorter side), reverse_std, left or right."})
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, OptimizerArguments)
@@ -241,6 +264,9 @@ def data_file_builder(dataset_name: str | None) -> str | None:
 
 
 def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[str]) -> None:
+    missing = recipe.missing_package()
+    if missing:
+        raise ConfigError(missing)
     t, d = config.train, config.data
     positive = {"learning_rate": t.learning_rate, "per_device_train_batch_size": t.per_device_train_batch_size,
                 "per_device_eval_batch_size": t.per_device_eval_batch_size,

@@ -77,7 +77,11 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
         try:
             resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume
             check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line why
-            memory_note = check_memory(recipe, config, load_model_config(config))  # fits, from the config alone
+            model_config = load_model_config(config)
+            problem = recipe.refuse_model(config, model_config)  # e.g. no module matches the flags' names
+            if problem:
+                raise ConfigError(problem)
+            memory_note = check_memory(recipe, config, model_config)  # fits, from the config alone
             run = set_up(recipe, config, resume_from, preemption, memory_note)
         except BaseException:
             remove_what_this_run_wrote(output_dir, there_before)

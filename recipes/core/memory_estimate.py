@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, masking_utils
 
 from recipes.core import embedded, gguf_source
+from recipes.core.optimizer_recipe import ParameterShapes, parameter_roles
 from recipes.core.token_loss import CHUNK_LOGITS, MIN_POSITIONS, build_token_loss
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
@@ -204,7 +205,7 @@ def _footprint(model, precision: str, micro_batch: int, seq_len: int, gradient_c
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model = model.to(torch.float32 if precision == "fp32" else torch.bfloat16)
-    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    shapes = ParameterShapes([tuple(p.shape) for p in model.parameters() if p.requires_grad], parameter_roles(model))
     numel = sum(torch.Size(s).numel() for s in shapes)
     weight_bytes = 4 if precision == "fp32" else 2
     activations, saved = activation_bytes(model, micro_batch, seq_len, gradient_checkpointing, chunked_loss)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
     from recipes.core.config import Config
 
-RECIPE_NAMES = ("adamw", "adafactor", "grokadamw", "lomo", "adalomo", "schedule_free_adamw", "schedule_free_sgd")
+RECIPE_NAMES = ("adamw", "adafactor", "grokadamw", "lomo", "adalomo", "schedule_free_adamw", "schedule_free_sgd",
+                "galore", "apollo", "apollo_mini", "adamw_8bit", "stable_adamw")
 
 
 def all_recipes() -> list[OptimizerRecipe]:
@@ -47,6 +49,35 @@ def factored_numel(shape: tuple[int, ...]) -> int:
     if len(shape) < 2:
         return numel(shape)
     return numel(shape[:-1]) + numel(shape[:-2] + shape[-1:])
+
+
+class ParameterShapes(list):
+    """The trainable parameters' shapes, in model order, with each one's role (`parameter_roles`): what the memory
+    estimator hands `optimizer_state_bytes`; a recipe that treats roles alike reads it as a plain list."""
+
+    def __init__(self, shapes, roles):
+        super().__init__(shapes)
+        self.roles = list(roles)
+
+
+def parameter_roles(model: torch.nn.Module) -> list[str]:
+    """For each trainable parameter, in model order: "embedding" (the input embedding, also when the output layer is
+    tied to it), "output" (an untied output layer), "linear" (the weight of any other nn.Linear: the decoder
+    blocks' projections) or "other" (biases, norms)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output}
+    roles = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p is embedding:
+            roles.append("embedding")
+        elif output is not None and p is output.weight:
+            roles.append("output")
+        else:
+            roles.append("linear" if id(p) in linear else "other")
+    return roles
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -72,6 +103,8 @@ class OptimizerRecipe:
     # Under DeepSpeed optimizer offload, accelerate replaces the optimizer with DeepSpeed's CPU Adam (a faster CPU
     # kernel) unless told not to. True only where that computes this optimizer's update.
     same_update_as_deepspeed_cpu_adam: bool = False
+    # An optional package the optimizer comes from: (module to import, what to pip install), or None
+    requires: Optional[tuple[str, str]] = None
 
     def optimizer_state_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         """Bytes of optimizer state for parameters of these shapes (for the memory estimator)."""
@@ -109,6 +142,17 @@ class OptimizerRecipe:
     def refuse(self, config: Config) -> Optional[str]:
         """A one-line reason this optimizer cannot run the configuration, or None."""
         return None
+
+    def refuse_model(self, config: Config, model_config) -> Optional[str]:
+        """A one-line reason this optimizer cannot train this model (read from its config: no weights loaded)."""
+        return None
+
+    def missing_package(self) -> Optional[str]:
+        """One line saying how to install the optional package this optimizer comes from, if it is not installed."""
+        if self.requires is None or importlib.util.find_spec(self.requires[0]) is not None:
+            return None
+        module, pip = self.requires
+        return f"the {self.name} recipe needs the {module} package, which is not installed: pip install {pip}"
 
     def flags_it_does_not_read(self, flags_set: set[str]) -> Optional[str]:
         """A one-line error for an optimizer knob set on the command line that this optimizer does not read."""

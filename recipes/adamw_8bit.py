@@ -1,0 +1,78 @@
+"""8-bit AdamW (bitsandbytes.optim.AdamW8bit): AdamW with both moments quantized blockwise to 8 bits.
+
+Each moment is stored as one byte per element plus an fp32 scale per block of 256, a quarter of AdamW's state;
+tensors under 4096 elements and the input embedding keep 32-bit moments (the Transformers Trainer's setting for
+optim="adamw_bnb_8bit": bitsandbytes recommends 32-bit state for embeddings). Chosen over torchao's AdamW8bit:
+bitsandbytes 0.50 runs the same blockwise update on a CPU and a GPU without torch.compile (torchao compiles its
+step, which needs a C++ toolchain on a CPU), and its quantized state round-trips a checkpoint exactly.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
+embedded tiny model trained from scratch.
+Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
+--weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon, DDP.
+Refuses: DeepSpeed ZeRO (its flat partitions would put blocks across tensors and the embedding's moments in
+8 bits) and FSDP (bitsandbytes' update reads each parameter as a plain tensor, not its DTensor shard).
+The embedding's 32-bit state is set through the parameter group ("optim_bits": 32), not bitsandbytes'
+process-wide GlobalOptimManager, which keys parameters by id() (reused by a later model in the same process).
+Install: pip install -e ".[bnb]".
+"""
+
+from recipes.core.loop import main
+from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
+                                           refuse_flattened_partitions)
+
+BLOCK = 256  # elements per quantization block (bitsandbytes' blockwise 8-bit optimizers)
+MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit moments (bitsandbytes' default)
+QUANTILES = 256  # entries of each moment's quantization map (fp32)
+
+
+class AdamW8bitRecipe(OptimizerRecipe):
+    name = "adamw_8bit"
+    default_learning_rate = 1e-3
+    fine_tuning_learning_rate = 2e-5
+    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    requires = ("bitsandbytes", '-e ".[bnb]"  (or: pip install bitsandbytes)')
+
+    def refuse(self, config):
+        if config.launch.kind == "fsdp":
+            return ("adamw_8bit under FSDP is not supported: each process holds a DTensor shard of every "
+                    "parameter, and bitsandbytes' 8-bit update reads parameters as plain tensors; use "
+                    "accelerate_configs/multi_gpu.yaml")
+        return refuse_flattened_partitions(
+            self, config, "bitsandbytes would quantize blocks across tensors and keep the embedding's moments in 8 "
+            "bits", instead="multi_gpu.yaml")
+
+    def optimizer_state_bytes(self, shapes, element_bytes):
+        total = 0
+        for shape, role in zip(shapes, getattr(shapes, "roles", ["other"] * len(shapes))):
+            n = numel(shape)
+            if role == "embedding" or n < MIN_8BIT_SIZE:
+                total += 2 * n * 4  # two fp32 moments, whatever the weights' dtype
+            else:
+                total += 2 * (n + -(-n // BLOCK) * 4 + QUANTILES * 4)  # bytes, block scales, quantization map
+        return total
+
+    def build(self, model, config):
+        from bitsandbytes.optim import AdamW8bit
+
+        class AdamW8bitWithGroupBits(AdamW8bit):
+            def get_config(self, gindex, pindex, group):
+                found = super().get_config(gindex, pindex, group)
+                found["optim_bits"] = group.get("optim_bits", found["optim_bits"])
+                return found
+
+        t, o = config.train, config.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        embedding = {id(p) for p, role in zip(params, parameter_roles(model)) if role == "embedding"}
+        groups = []
+        for group in decay_parameter_groups(model, t.weight_decay):
+            groups.append({**group, "params": [p for p in group["params"] if id(p) not in embedding]})
+            groups.append({**group, "params": [p for p in group["params"] if id(p) in embedding], "optim_bits": 32})
+        return AdamW8bitWithGroupBits([g for g in groups if g["params"]], lr=t.learning_rate,
+                                      betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                                      min_8bit_size=MIN_8BIT_SIZE)
+
+
+RECIPE = AdamW8bitRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

@@ -1,0 +1,80 @@
+"""APOLLO (apollo_torch.APOLLOAdamW): AdamW's per-channel scaling estimated in a random rank-r projection.
+
+For each target m x n matrix the optimizer keeps Adam moments of a randomly projected gradient (m x r or r x n,
+the projection regenerated from a seed every --apollo_update_interval steps) and scales the raw gradient by the
+ratio of the adapted to the projected gradient's norms, per channel (--apollo_scale_type channel) or per tensor,
+with Fira's norm-growth limiter. Targets (--optim_target_modules): default every nn.Linear but the output layer,
+i.e. the decoder blocks' projections; the embedding, the output layer, norms and biases get full-rank AdamW.
+APOLLO-Mini (rank 1, tensor scaling) is its own recipe, recipes/apollo_mini.py.
+Defaults are the Transformers Trainer's for optim="apollo_adamw": rank 128, proj random, scale_type channel,
+update_proj_gap 200, scale 1.0, proj_type std (flags under LLaMA-Factory's names: --apollo_rank,
+--apollo_update_interval, --apollo_scale, --apollo_scale_type, --apollo_proj, --apollo_proj_type).
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
+embedded tiny model trained from scratch.
+Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
+--weight_decay on matrices only (the Trainer's APOLLO groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
+DDP (every process draws the same projection from the same seed).
+Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no rows and columns to project; LLaMA-Factory refuses it
+too) and FSDP (each process holds a shard of every matrix).
+Built as APOLLOAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): apollo-torch keeps each
+projector, with the seed of its next projection, as an object that a resume (torch.load with weights_only=True)
+refuses. The per-layer variant (apollo_adamw_layerwise) is not offered.
+Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only); it is an optional extra, not installed with the
+project: pip install -e ".[apollo]".
+"""
+
+from recipes.core.loop import main
+from recipes.core.low_rank import LowRankRecipe
+
+
+class ApolloRecipe(LowRankRecipe):
+    name = "apollo"
+    default_learning_rate = 1e-3
+    fine_tuning_learning_rate = 2e-5
+    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "apollo_rank",
+                   "apollo_update_interval", "apollo_scale", "apollo_scale_type", "apollo_proj", "apollo_proj_type")
+    requires = ("apollo_torch", '-e ".[apollo]"  (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')
+    projection_words = "the rows and columns"
+    default_rank = 128
+    default_scale = 1.0
+    default_scale_type = "channel"
+    proj_types = ("std", "reverse_std", "right", "left")
+
+    def rank_is_capped(self):
+        return False  # a random projection has `rank` rows or columns whatever the matrix
+
+    def fill_defaults(self, config):
+        super().fill_defaults(config)
+        o = config.optim
+        o.apollo_rank = self.default_rank if o.apollo_rank is None else o.apollo_rank
+        o.apollo_scale = self.default_scale if o.apollo_scale is None else o.apollo_scale
+        o.apollo_scale_type = o.apollo_scale_type or self.default_scale_type
+
+    def refuse(self, config):
+        o = config.optim
+        choices = {"apollo_proj": ("random", "svd"), "apollo_proj_type": self.proj_types,
+                   "apollo_scale_type": ("channel", "tensor")}
+        for flag, allowed in choices.items():
+            if getattr(o, flag) not in allowed:
+                return f"--{flag} {getattr(o, flag)}: choose one of {', '.join(allowed)}"
+        for flag in ("apollo_rank", "apollo_update_interval"):
+            if getattr(o, flag) < 1:
+                return f"--{flag} must be at least 1, got {getattr(o, flag)}"
+        return super().refuse(config)
+
+    def projection(self, config):
+        o = config.optim
+        return {"rank": o.apollo_rank, "proj": o.apollo_proj, "scale_type": o.apollo_scale_type,
+                "update_proj_gap": o.apollo_update_interval, "scale": o.apollo_scale, "proj_type": o.apollo_proj_type}
+
+    def build_optimizer(self, groups, config):
+        from recipes.core.low_rank_fixes import apollo_adamw
+
+        t, o = config.train, config.optim
+        return apollo_adamw()(groups, lr=t.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)
+
+
+RECIPE = ApolloRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)

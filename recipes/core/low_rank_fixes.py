@@ -1,0 +1,71 @@
+"""A thin fix over galore-torch 1.0 and apollo-torch 1.0.3, tested in tests/test_resume.py (exact resume of the
+galore, apollo and apollo_mini recipes) and tests/test_low_rank.py.
+
+Both keep each target matrix's projector as a Python object in the optimizer state (state["projector"]: its
+orthogonal or random matrix, and APOLLO's seed for the next one). torch.save pickles it, but accelerate's
+load_state reads the optimizer state back with torch.load(weights_only=True), which refuses objects, so a resume
+fails (the Trainer reloads with weights_only=True too: GaLore issue #35, ms-swift PR #10161). Here state_dict()
+writes each projector as a dict of its attributes, and load_state_dict() rebuilds the projector from its group's
+settings and puts them back: the matrix, the seed and the refresh schedule (driven by state["step"]) go on as if
+the run had not stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class CheckpointableProjectors:
+    """Mixin for an optimizer whose per-parameter state holds a "projector" object."""
+
+    def new_projector(self, group: dict, state: dict):
+        """A projector as the optimizer builds one on its first step for a parameter of this group."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        packed = super().state_dict()
+        packed["state"] = {index: {**s, "projector": _attributes(s["projector"])} if "projector" in s else s
+                           for index, s in packed["state"].items()}  # new dicts: packed ones are the live state
+        return packed
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if isinstance(state.get("projector"), dict):
+                    projector = self.new_projector(group, state)
+                    vars(projector).update(state["projector"])
+                    state["projector"] = projector
+
+
+def _attributes(projector) -> dict:
+    # Strings (the projection type) come back from the group: torch's load_state_dict would rebuild a string in the
+    # state as an iterable of its characters. Tensors, numbers and None load with weights_only=True.
+    return {name: value for name, value in vars(projector).items() if not isinstance(value, str)}
+
+
+@functools.cache
+def galore_adamw() -> type[torch.optim.Optimizer]:
+    from galore_torch import GaLoreAdamW
+    from galore_torch.galore_projector import GaLoreProjector
+
+    class GaLoreAdamWWithCheckpointableProjectors(CheckpointableProjectors, GaLoreAdamW):
+        def new_projector(self, group, state):
+            return GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                                   proj_type=group["proj_type"])
+
+    return GaLoreAdamWWithCheckpointableProjectors
+
+
+@functools.cache
+def apollo_adamw() -> type[torch.optim.Optimizer]:
+    from apollo_torch import APOLLOAdamW
+
+    class APOLLOAdamWWithCheckpointableProjectors(CheckpointableProjectors, APOLLOAdamW):
+        def new_projector(self, group, state):
+            return self._initialize_projector(group, state)  # what its step calls (random or SVD, by group["proj"])
+
+    return APOLLOAdamWWithCheckpointableProjectors

@@ -1,0 +1,66 @@
+"""GaLore (galore_torch.GaLoreAdamW): AdamW on a rank-r projection of each target matrix's gradient.
+
+For each target m x n matrix the optimizer keeps an orthogonal projector from an SVD of the gradient, refreshed
+every --galore_update_interval steps, and Adam moments of the projected gradient (m x r or r x n) instead of two
+full-size ones; the update is projected back and scaled by --galore_scale. Targets (--optim_target_modules):
+default every nn.Linear but the output layer, i.e. the decoder blocks' projections; the embedding, the output
+layer, norms and biases get full-rank AdamW.
+Defaults are the Transformers Trainer's for optim="galore_adamw": rank 128, update_proj_gap 200, scale 0.25,
+proj_type std (flags under LLaMA-Factory's names: --galore_rank, --galore_update_interval, --galore_scale,
+--galore_proj_type).
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
+embedded tiny model trained from scratch.
+Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
+--weight_decay on matrices only (the Trainer's GaLore groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
+DDP (every process computes the same SVD of the same averaged gradient).
+Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no matrix to take an SVD of; LLaMA-Factory refuses it too)
+and FSDP (each process holds a shard of every matrix).
+Built as GaLoreAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): galore-torch keeps each
+projector as an object that a resume (torch.load with weights_only=True) refuses. The per-layer variant (the
+update inside backward, galore_adamw_layerwise) is not offered. Install: pip install -e ".[galore]".
+"""
+
+from recipes.core.loop import main
+from recipes.core.low_rank import LowRankRecipe
+
+
+class GaLoreRecipe(LowRankRecipe):
+    name = "galore"
+    default_learning_rate = 1e-3
+    fine_tuning_learning_rate = 2e-5
+    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "galore_rank",
+                   "galore_update_interval", "galore_scale", "galore_proj_type")
+    requires = ("galore_torch", '-e ".[galore]"  (or: pip install galore-torch==1.0)')
+    projection_words = "the singular vectors"
+    default_rank = 128
+    proj_types = ("std", "reverse_std", "right", "left", "full")
+
+    def rank_is_capped(self):
+        return True  # the projector is cut from an SVD: at most min(m, n) vectors
+
+    def refuse(self, config):
+        o = config.optim
+        if o.galore_proj_type not in self.proj_types:
+            return f"--galore_proj_type {o.galore_proj_type}: choose one of {', '.join(self.proj_types)}"
+        for flag in ("galore_rank", "galore_update_interval"):
+            if getattr(o, flag) < 1:
+                return f"--{flag} must be at least 1, got {getattr(o, flag)}"
+        return super().refuse(config)
+
+    def projection(self, config):
+        o = config.optim
+        return {"rank": o.galore_rank, "update_proj_gap": o.galore_update_interval, "scale": o.galore_scale,
+                "proj_type": o.galore_proj_type}
+
+    def build_optimizer(self, groups, config):
+        from recipes.core.low_rank_fixes import galore_adamw
+
+        t, o = config.train, config.optim
+        return galore_adamw()(groups, lr=t.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                              no_deprecation_warning=True)
+
+
+RECIPE = GaLoreRecipe()
+
+if __name__ == "__main__":
+    main(RECIPE)
