@@ -23,6 +23,10 @@ FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 RECIPES = {r.name: r for r in all_recipes()}
 # batch 32 gives 9 optimizer steps per epoch on the embedded corpus: the resumed part crosses an epoch boundary
 RUN = ["--per_device_train_batch_size", "32", "--max_steps", "14", "--logging_steps", "1"]
+# The low-rank projections are refreshed every 5 steps here (at steps 0, 5, 10): the resumed part, from step 7, goes
+# on with the checkpoint's projection and then draws the next one (APOLLO: from the seed the checkpoint kept).
+REFRESH = {"galore": ["--galore_update_interval", "5"], "apollo": ["--apollo_update_interval", "5"],
+           "apollo_mini": ["--apollo_update_interval", "5"]}
 
 
 def losses_by_step(output_dir: Path) -> dict[int, float]:
@@ -44,14 +48,14 @@ def test_resume_is_bit_exact(recipe, tmp_path):
     train(); both runs go through that same switch at step 7, so they stay bit-identical too.
     """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_here(recipe, *RUN, "--save_steps", "7", "--output_dir", str(straight))
+    run = [*RUN, *REFRESH.get(recipe, []), "--save_steps", "7"]
+    run_here(recipe, *run, "--output_dir", str(straight))
     checkpoint = straight / "checkpoint-7"
     assert checkpoint.is_dir()
     # every file accelerate wrote loads with weights_only=True (no pickled objects)
     for name in ("optimizer.bin", "scheduler.bin"):
         torch.load(checkpoint / name, weights_only=True)
-    run_here(recipe, *RUN, "--save_steps", "7", "--output_dir", str(resumed), "--resume_from_checkpoint",
-             str(checkpoint))
+    run_here(recipe, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint))
     full, rest = losses_by_step(straight), losses_by_step(resumed)
     assert sorted(rest) == list(range(8, 15))
     assert [rest[s] for s in rest] == [full[s] for s in rest]
@@ -267,13 +271,16 @@ def test_a_finished_run_continues_to_more_steps_with_its_schedule_recomputed(tmp
 
 
 @pytest.mark.parametrize("recipe, config", [("adamw", "multi_gpu.yaml"), ("lomo", "multi_gpu.yaml"),
-                                            ("schedule_free_adamw", "multi_gpu.yaml"), ("adalomo", "zero3.yaml")])
+                                            ("schedule_free_adamw", "multi_gpu.yaml"), ("adalomo", "zero3.yaml"),
+                                            ("apollo", "multi_gpu.yaml"), ("adamw_8bit", "zero2.yaml")])
 def test_resume_is_bit_exact_with_two_processes(recipe, config, tmp_path):
     """The same as above with 2 processes (16 sequences each): every rank's RNG, data position and partition come
-    back. AdaLomo under ZeRO-3 runs without a DeepSpeed engine: its checkpoint holds whole parameters and moments."""
+    back. AdaLomo under ZeRO-3 runs without a DeepSpeed engine: its checkpoint holds whole parameters and moments.
+    APOLLO's projection seeds and 8-bit AdamW's quantized moments (in DeepSpeed's partitioned checkpoint) too."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     ddp = {"config": config, "env": {"ACCELERATE_USE_CPU": "1"} if config == "multi_gpu.yaml" else {}}
-    run = ["--per_device_train_batch_size", "16", "--max_steps", "14", "--logging_steps", "1", "--save_steps", "7"]
+    run = ["--per_device_train_batch_size", "16", "--max_steps", "14", "--logging_steps", "1", "--save_steps", "7",
+           *REFRESH.get(recipe, [])]
     launch(recipe, *run, "--output_dir", str(straight), **ddp)
     assert (straight / "checkpoint-7" / "random_states_1.pkl").is_file()  # one RNG state per rank
     launch(recipe, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-7"), **ddp)
