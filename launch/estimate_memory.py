@@ -1,4 +1,4 @@
-"""Estimate training memory per device for all seven recipes side by side, without loading a weight.
+"""Estimate training memory per device for every recipe side by side, without loading a weight.
 
     python launch/estimate_memory.py --model_name_or_path meta-llama/Llama-3.1-8B --precision bf16-mixed \\
         --per_device_train_batch_size 1 --block_size 4096 --gradient_checkpointing --world_size 8 --zero_stage 3

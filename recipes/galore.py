@@ -12,9 +12,10 @@ Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw r
 embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only (the Trainer's GaLore groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
-DDP (every process computes the same SVD of the same averaged gradient).
-Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no matrix to take an SVD of; LLaMA-Factory refuses it too)
-and FSDP (each process holds a shard of every matrix).
+DDP (every process computes the same SVD of the same averaged gradient) and FSDP2 (the gradients are DTensor
+shards; the SVD and the projections run on DTensors, which gather what they need: 2 processes match 1 within 1e-5,
+tests/test_distributed.py).
+Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no matrix to take an SVD of; LLaMA-Factory refuses it too).
 Built as GaLoreAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): galore-torch keeps each
 projector as an object that a resume (torch.load with weights_only=True) refuses. The per-layer variant (the
 update inside backward, galore_adamw_layerwise) is not offered. Install: pip install -e ".[galore]".

@@ -28,6 +28,8 @@ class LomoRecipe(FusedBackwardRecipe):
     default_learning_rate = 0.5  # plain SGD on the from-scratch tiny model; tune it for a pretrained LLM
     fine_tuning_learning_rate = 1e-2  # with --model_name_or_path: see the docstring
     reads_flags = ("clip_grad_value",)
+    source_settings = (("the LOMO authors' lr 3e-2 with clip_grad_norm 1.0 (config/args_lomo.yaml)", 3e-2,
+                        ("--max_grad_norm", "1.0")),)
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return 0  # plain SGD in backward: no state

@@ -109,7 +109,7 @@ def test_memory_snapshot_steps_needs_cuda_and_says_so(tmp_path):
         assert "--memory_snapshot_steps records CUDA allocations, and there is no CUDA device here" in proc.stderr
 
 
-def test_estimate_command_prints_all_seven_side_by_side():
+def test_estimate_command_prints_every_recipe_side_by_side():
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "estimate_memory.py"), "--precision", "bf16-mixed",
                            "--gradient_checkpointing", "--world_size", "4", "--zero_stage", "3"],
                           cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)

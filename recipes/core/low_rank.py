@@ -4,8 +4,8 @@
 Adam moments of the projected gradient instead of full-size moments: the other parameters get full-rank AdamW. It
 picks the targets (`--optim_target_modules`, TrainingArguments' name; default every nn.Linear but the output
 layer: the decoder blocks' projections), builds the parameter groups with weight decay on matrices only (the
-Trainer's low-rank builder drops the weight-decay groups), refuses the setups whose parameters are not whole
-matrices, and counts the state for the memory estimator. Each recipe file says which package and projection.
+Trainer's low-rank builder drops the weight-decay groups), refuses DeepSpeed ZeRO (whose flat partitions are not
+matrices), and counts the state for the memory estimator. Each recipe file says which package and projection.
 """
 
 from __future__ import annotations
@@ -71,10 +71,6 @@ class LowRankRecipe(OptimizerRecipe):
         return False
 
     def refuse(self, config: Config) -> Optional[str]:
-        if config.launch.kind == "fsdp":
-            return (f"{self.name} under FSDP is not supported: each process holds a shard of every matrix (a "
-                    f"DTensor under FSDP2), and the projection needs {self.projection_words} of the whole matrix; "
-                    "use accelerate_configs/multi_gpu.yaml")
         return refuse_flattened_partitions(
             self, config, f"the low-rank projection needs {self.projection_words} of each weight matrix",
             instead="multi_gpu.yaml")

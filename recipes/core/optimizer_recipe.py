@@ -103,6 +103,9 @@ class OptimizerRecipe:
     # Under DeepSpeed optimizer offload, accelerate replaces the optimizer with DeepSpeed's CPU Adam (a faster CPU
     # kernel) unless told not to. True only where that computes this optimizer's update.
     same_update_as_deepspeed_cpu_adam: bool = False
+    # Settings from the optimizer's source that launch/finetune_comparison.py runs beside the sweep:
+    # (what they are, learning rate, extra flags)
+    source_settings: tuple[tuple[str, float, tuple[str, ...]], ...] = ()
     # An optional package the optimizer comes from: (module to import, what to pip install), or None
     requires: Optional[tuple[str, str]] = None
 
