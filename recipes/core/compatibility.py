@@ -10,9 +10,8 @@ from pathlib import Path
 
 from recipes.core.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
 from recipes.core.launch_setup import LaunchSetup
+from recipes.core.memory_check import CONFIG_DIR
 from recipes.core.optimizer_recipe import OptimizerRecipe, all_recipes
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "accelerate_configs"
 DISTRIBUTED_CONFIGS = ("multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp2.yaml")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from recipes.core.config import Config, ConfigError, default_block_size
+from recipes.core.launch_setup import LaunchSetup
 from recipes.core.memory_estimate import estimate_each, meta_model
 
 GIB = 1024**3
@@ -38,6 +39,8 @@ PROCESS_BASELINE = {"cpu": 0.5 * GIB, "cuda": 0}
 # so that the check never refuses a run on memory it may not need.
 ALLOCATOR_SLACK = {"cpu": 1.5 * GIB, "cuda": 0}
 SHARDING_SIZES = (2, 4, 8, 16, 32, 64)
+SHARDING_CONFIGS = ("zero3.yaml", "fsdp2.yaml")  # parameters, gradients and optimizer state split over N devices
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "accelerate_configs"
 
 
 def check_memory(recipe, config: Config, model_config) -> str:
@@ -170,10 +173,12 @@ def _what_would_fit(recipe, config: Config, model, setting: _Setting, device: st
         elif not ways[0]:
             ways.append(_listed(_fitting(others, model, checkpointed, device, available), " with "
                                 "--gradient_checkpointing true"))
-    for devices in SHARDING_SIZES:
-        sharded = dataclasses.replace(setting, world_size=devices, zero_stage=3)
+    sharding = next((f for f in SHARDING_CONFIGS if _runs(recipe, dataclasses.replace(
+        config, launch=LaunchSetup.from_accelerate_config(CONFIG_DIR / f)))), None)  # one the recipe accepts
+    for devices in SHARDING_SIZES if sharding else ():
+        sharded = dataclasses.replace(setting, world_size=devices, zero_stage=3)  # FSDP2 shards as ZeRO-3 does
         if devices > setting.world_size and _needs_each([recipe], model, sharded, device)[recipe.name] <= available:
-            ways.append(f"shard it: accelerate_configs/zero3.yaml over {devices} devices of this size")
+            ways.append(f"shard it: accelerate_configs/{sharding} over {devices} devices of this size")
             break
     ways = [way for way in ways if way]
     return "; or ".join(ways) if ways else "no recipe fits at this batch and sequence length on this device"
@@ -196,6 +201,7 @@ def _listed(fits: list[tuple[str, int]], condition: str = "") -> str:
 def _runs(recipe, config: Config) -> bool:
     """Whether `recipe` would accept this run's settings (with its own LR schedule and clipping defaults)."""
     train = dataclasses.replace(config.train, lr_scheduler_type=None, max_grad_norm=None)
-    trial = dataclasses.replace(config, train=train, recipe=recipe.name, defaults_used={})
+    trial = dataclasses.replace(config, train=train, optim=dataclasses.replace(config.optim), recipe=recipe.name,
+                                defaults_used={})  # copies: fill_defaults writes into them
     recipe.fill_defaults(trial)
     return recipe.refuse(trial) is None
