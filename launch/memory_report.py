@@ -13,6 +13,8 @@ peak, s/step), report.json and memory.png (stacked bars by category), plus each 
 `--chunked_loss both` runs every recipe with the chunked loss and with whole logits, interleaved, to show what the
 chunks save and cost. Without --dataset_name the data is a generated corpus sized so that every training step and
 the evaluation batch (--per_device_eval_batch_size, default 8 as in the recipes) have full rows.
+A report.json already in --output_dir with the same setup keeps its rows of the recipes not in --recipes, so
+`--recipes galore` adds or refreshes one recipe's row.
 `--scaled_embedded hidden_size=512,num_hidden_layers=8,...` writes a randomly initialised model of the embedded
 architecture at that size first and reports on it.
 """
@@ -180,7 +182,7 @@ def main(argv=None) -> None:
              f"{'on' if args.gradient_checkpointing else 'off'}"
              f", one process on {hardware()}")
     wanted = args.recipes.split(",")
-    rows = {}
+    rows = earlier_rows(folder, setup, wanted)
     for recipe in all_recipes():
         if recipe.name not in wanted:
             continue
@@ -193,8 +195,21 @@ def main(argv=None) -> None:
                 chunked_loss=loss == "chunked").as_dict()}
             print(f"{key}: step peak {mib(measured['measured']['peak_bytes'])} MiB, run peak "
                   f"{mib(measured['measured']['run_peak_bytes'])} MiB", flush=True)
-    write_report(folder, rows, setup)
+    order = [r.name for r in all_recipes()]
+    write_report(folder, dict(sorted(rows.items(), key=lambda item: order.index(item[1]["recipe"]))), setup)
     print(f"wrote {folder / 'report.md'} and {folder / 'memory.png'}")
+
+
+def earlier_rows(folder: Path, setup: str, rerun: list[str]) -> dict:
+    """The rows of an earlier report in this folder with the same setup, but for the recipes measured again: a
+    report gains or refreshes recipes without measuring the others again."""
+    path = folder / "report.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier["setup"] != setup:
+        return {}
+    return {key: row for key, row in earlier["recipes"].items() if row["recipe"] not in rerun}
 
 
 if __name__ == "__main__":
