@@ -8,19 +8,19 @@ step, which needs a C++ toolchain on a CPU), and its quantized state round-trips
 Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
 embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
---weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon, DDP and DeepSpeed ZeRO-2/3 (offload
-too). Under ZeRO the optimizer sees one flat partition per parameter group: the quantization blocks then run
-across tensor boundaries and the 4096-element threshold applies to the partition (the vectors' group is 8-bit on a
-large model), while the embedding's group stays 32-bit; 2 processes match 1 within 1e-5 (tests/test_distributed.py).
-Refuses: FSDP (bitsandbytes' update gets a DTensor shard beside plain tensors and stops: "got mixed torch.Tensor
-and DTensor").
+--weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon, DDP.
+Refuses: DeepSpeed ZeRO (measured: it runs, but on one flat partition per parameter group the 256-element blocks
+span tensors and tensors under 4096 elements get 8-bit moments, so 2 processes end 1.5e-3 of a tensor's norm away
+from 1 where every other recipe agrees to 1e-4) and FSDP (bitsandbytes' kernel gets a DTensor shard beside plain
+tensors and stops: "got mixed torch.Tensor and DTensor").
 The embedding's 32-bit state is set through the parameter group ("optim_bits": 32), not bitsandbytes'
 process-wide GlobalOptimManager, which keys parameters by id() (reused by a later model in the same process).
 Install: pip install -e ".[bnb]".
 """
 
 from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, parameter_roles
+from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
+                                           refuse_flattened_partitions)
 
 BLOCK = 256  # elements per quantization block (bitsandbytes' blockwise 8-bit optimizers)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit moments (bitsandbytes' default)
@@ -38,8 +38,10 @@ class AdamW8bitRecipe(OptimizerRecipe):
         if config.launch.kind == "fsdp":
             return ("adamw_8bit under FSDP is not supported: each process holds a DTensor shard of every "
                     "parameter, and bitsandbytes' 8-bit update takes plain tensors; use "
-                    "accelerate_configs/zero2.yaml or zero3.yaml (partitioned 8-bit state) or multi_gpu.yaml")
-        return None
+                    "accelerate_configs/multi_gpu.yaml")
+        return refuse_flattened_partitions(
+            self, config, "bitsandbytes would quantize blocks that span tensors and give tensors under 4096 "
+            "elements 8-bit moments", instead="multi_gpu.yaml")
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         total = 0

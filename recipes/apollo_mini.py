@@ -5,6 +5,8 @@ APOLLO-Mini setting, as the Transformers docs give it: rank 1, scale_type tensor
 update_proj_gap 200. Each target matrix keeps a rank-1 projection and its two moments: a few vectors, no
 full-size state. The --apollo_* flags override the preset.
 Learning rate: --learning_rate, else 2e-5 with --model_name_or_path, else 1e-3 for the embedded tiny model.
+Supports: what apollo does (every LR schedule, gradient accumulation, --max_grad_norm, --weight_decay on matrices
+only, DDP). Refuses: DeepSpeed ZeRO and FSDP (see recipes/apollo.py).
 Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only): pip install -e ".[apollo]".
 """
 
