@@ -32,7 +32,7 @@ class AdamW8bitRecipe(OptimizerRecipe):
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
-    requires = ("bitsandbytes", '-e ".[bnb]"  (or: pip install bitsandbytes)')
+    requires = ("bitsandbytes", '-e ".[bnb]" (or: pip install bitsandbytes)')
 
     def refuse(self, config):
         if config.launch.kind == "fsdp":

@@ -34,7 +34,7 @@ class ApolloRecipe(LowRankRecipe):
     fine_tuning_learning_rate = 2e-5
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "apollo_rank",
                    "apollo_update_interval", "apollo_scale", "apollo_scale_type", "apollo_proj", "apollo_proj_type")
-    requires = ("apollo_torch", '-e ".[apollo]"  (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')
+    requires = ("apollo_torch", '-e ".[apollo]" (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')
     projection_words = "the rows and columns"
     default_rank = 128
     default_scale = 1.0

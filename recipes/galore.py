@@ -31,7 +31,7 @@ class GaLoreRecipe(LowRankRecipe):
     fine_tuning_learning_rate = 2e-5
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "galore_rank",
                    "galore_update_interval", "galore_scale", "galore_proj_type")
-    requires = ("galore_torch", '-e ".[galore]"  (or: pip install galore-torch==1.0)')
+    requires = ("galore_torch", '-e ".[galore]" (or: pip install galore-torch==1.0)')
     projection_words = "the singular vectors"
     default_rank = 128
     proj_types = ("std", "reverse_std", "right", "left", "full")

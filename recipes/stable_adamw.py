@@ -24,7 +24,7 @@ class StableAdamWRecipe(OptimizerRecipe):
     fine_tuning_learning_rate = 2e-5
     default_max_grad_norm = 0.0  # the update clipping bounds each tensor's step
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
-    requires = ("optimi", '-e ".[optimi]"  (or: pip install torch-optimi)')
+    requires = ("optimi", '-e ".[optimi]" (or: pip install torch-optimi)')
 
     def refuse(self, config):
         return refuse_flattened_partitions(self, config, "StableAdamW clips each tensor's update by its own RMS")
