@@ -133,10 +133,13 @@ def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_di
            "--dataset_name", str(task_dir), "--max_steps", str(args.max_steps), "--per_device_train_batch_size",
            str(args.per_device_train_batch_size), "--block_size", str(args.block_size), "--learning_rate", f"{lr:g}",
            "--eval_steps", str(args.eval_steps), "--logging_steps", "1", "--save_steps", "0", "--seed",
-           str(seed), *flags, "--output_dir", str(out), "--overwrite_output_dir", "true"]
+           str(seed), "--bf16", str(args.precision == "bf16").lower(), *flags, "--output_dir", str(out),
+           "--overwrite_output_dir", "true"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-    identity = {"recipe": recipe, "learning_rate": lr, "seed": seed, "flags": flags}
+    from recipes.core.throughput import hardware
+
+    identity = {"recipe": recipe, "learning_rate": lr, "seed": seed, "flags": flags, "hardware": hardware()}
     if proc.returncode != 0 and f"{recipe}: stopped:" in proc.stderr:  # a non-finite loss: the run diverged
         return identity | {"diverged": proc.stderr.split(f"{recipe}: stopped:")[1].strip().splitlines()[0],
                            "eval_loss": float("inf"), "accuracy": 0.0, "eval_curve": [], "train_loss": [],
@@ -270,7 +273,8 @@ def plot(path: Path, base: dict, best: dict[str, dict], setup: str) -> None:
 
 
 PROTOCOL = ("model_name_or_path", "num_facts", "max_steps", "per_device_train_batch_size", "block_size", "eval_steps",
-            "max_new_tokens", "seed")
+            "max_new_tokens", "seed", "precision")
+PROTOCOL_DEFAULTS = {"precision": "fp32"}  # what a record from before the key existed ran at
 
 
 def round_lr(lr: float) -> float:
@@ -283,7 +287,7 @@ def earlier_runs(folder: Path, args) -> list[dict]:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    if any(earlier["arguments"].get(k) != getattr(args, k) for k in PROTOCOL):
+    if any(earlier["arguments"].get(k, PROTOCOL_DEFAULTS.get(k)) != getattr(args, k) for k in PROTOCOL):
         return []
     return earlier["runs"]
 
@@ -305,6 +309,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--per_device_train_batch_size", type=int, default=4)
     parser.add_argument("--block_size", type=int, default=256)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: every run with --bf16 true (bf16 autocast, fp32 weights): faster only on a CPU "
+                             "with native bf16 (AVX512-BF16, AMX) or a GPU")
     parser.add_argument("--eval_steps", type=int, default=5)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
@@ -345,7 +352,7 @@ def main(argv=None) -> None:
     setup = (f"{args.model_name_or_path}, {args.num_facts} made-up facts (seed {args.seed}): "
              f"{args.num_facts * len(TRAIN_PHRASINGS)} training questions, {len(test)} held-out ones; {args.max_steps} "
              f"steps of {args.per_device_train_batch_size} x {args.block_size} tokens (packed), one process on "
-             f"{hardware()}, fp32")
+             f"{hardware()}, " + ("bf16 autocast (fp32 weights)" if args.precision == "bf16" else "fp32"))
     print(setup, flush=True)
     base = {"eval_loss": base_eval_loss(args.model_name_or_path, task_dir, args.block_size,
                                         args.per_device_train_batch_size),

@@ -161,6 +161,21 @@ def real_model_runs(tmp_path_factory, real_model):
     return {"chunked": run("true"), "whole": run("false")}
 
 
+# The steps of the distributed tests' runs and of their 1-process references
+STEPS = ["--max_steps", "8", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="session")
+def one_process_runs(tmp_path_factory):
+    """The 1-process reference run of a recipe (global batch 8), run once per test session, in-process (one thread,
+    as a launched process: the same numbers); the 2-process and compiled runs are held against it."""
+    def run(recipe: str):
+        return shared_output(tmp_path_factory, f"one-process-{recipe}", lambda out: run_here(
+            recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out)))
+
+    return run
+
+
 def assert_same_weights(out: Path, reference: Path, tolerance: float = 1e-4) -> None:
     """Two saved models hold the same weights: every tensor within `tolerance` of its norm (per tensor, not per
     element: Adam-type steps amplify rounding on entries whose second moment is ~0)."""

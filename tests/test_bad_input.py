@@ -43,6 +43,18 @@ CASES = {
                                             "--grokadamw_signal eval_train_gap is refreshed at each evaluation during "
                                             "training: set --eval_steps"),
     "unknown scheduler": ("adamw", ["--lr_scheduler_type", "sometimes"], "--lr_scheduler_type 'sometimes' is not a schedule"),
+    "unknown compile mode": ("lomo", ["--torch_compile_mode", "fastest"],
+                             "--torch_compile_mode 'fastest': use one of default, reduce-overhead, max-autotune"),
+    "unknown attention": ("adamw", ["--attn_implementation", "flash"],
+                          "--attn_implementation flash is not an attention implementation; use one of sdpa, eager"),
+    "flash attention without a GPU": ("adalomo", ["--attn_implementation", "flash_attention_2"],
+                                      "--attn_implementation flash_attention_2 runs on a CUDA GPU, and this machine "
+                                      "has none; use sdpa (the default) or eager"),
+    "hub attention kernel without a GPU": ("adamw", ["--attn_implementation", "kernels-community/flash-attn2"],
+                                           "runs on a CUDA GPU, and this machine has none"),
+    "packing with an attention that mixes examples": ("adamw", ["--attn_implementation", "flex_attention"],
+                                                      "the model's attention (flex_attention) would let them attend "
+                                                      "to each other; use --packing false"),
 }
 
 

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import (CONFIGS, REPO, assert_same_weights, free_port, launch, offline_env, read_metrics, results,
-                            run_here, shared_output, smoke, train_losses)
+from tests.conftest import (CONFIGS, REPO, STEPS, assert_same_weights, free_port, launch, offline_env, read_metrics,
+                            results, run_here, smoke, train_losses)
 
 RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
@@ -30,7 +30,6 @@ REFUSED = [cell for cell in CELLS if cell not in WORKING]
 # one launched refusal per config file that refuses anything, of different recipes and reasons
 REFUSED_LAUNCHED = [("lomo", "zero2.yaml"), ("adafactor", "zero3.yaml"), ("adalomo", "zero3_offload.yaml"),
                     ("lomo", "fsdp2.yaml")]
-STEPS = ["--max_steps", "8", "--logging_steps", "1"]
 # Same global batch: 2 processes x 4 sequences vs 1 process x 8. Summing 8 per-sequence losses in another order
 # (two means of 4, then their mean) changes float rounding at ~1e-7 per step; over 8 steps we allow 1e-5.
 TOLERANCE = 1e-5
@@ -43,17 +42,6 @@ def launch_two_processes(recipe: str, config: str, *args: str, check: bool = Tru
     # picks its CPU accelerator itself; the loop names gloo for it).
     env = {"ACCELERATE_USE_CPU": "1"} if launch_setup(config).kind in ("ddp", "fsdp") else {}
     return launch(recipe, *args, config=config, env=env, check=check)
-
-
-@pytest.fixture(scope="module")
-def one_process_runs(tmp_path_factory):
-    """The 1-process reference run of a recipe (global batch 8), run once per test session, in-process (one thread,
-    as a launched process: the same numbers)."""
-    def run(recipe: str):
-        return shared_output(tmp_path_factory, f"one-process-{recipe}", lambda out: run_here(
-            recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out)))
-
-    return run
 
 
 @pytest.mark.parametrize("recipe, config", smoke(WORKING, ("lomo", "multi_gpu.yaml"),

@@ -35,6 +35,20 @@ def test_a_cpu_run_has_mfu_against_its_measured_matmul_rate(dtype):
     assert f"MFU against this CPU's measured {name} matmul rate" in throughput.mfu_note(torch.device("cpu"), dtype)
 
 
+def test_a_cpu_without_native_bf16_says_so_at_start_up(monkeypatch):
+    """Measured on an AVX2-only AMD EPYC: bf16 matmuls at 0.3-1.4 GFLOP/s against 70-110 in fp32. The start-up
+    measurement then uses the small probe (the 2048^3 one took 4 minutes) and the start-up line warns."""
+    rates = {torch.bfloat16: (1e9, throughput.PROBE_MATMUL), torch.float32: (1e11, throughput.STARTUP_MATMUL)}
+    monkeypatch.setattr(throughput, "startup_cpu_matmul", lambda dtype: rates[dtype])
+    note = throughput.mfu_note(torch.device("cpu"), torch.bfloat16)
+    assert "measured bf16 matmul rate (1.0 GFLOP/s, 256^3" in note
+    assert "WARNING: this CPU runs bf16 matmuls at 1.0 GFLOP/s against 100 in fp32" in note
+    assert "makes this run many times slower; drop it here" in note
+    assert "WARNING" not in throughput.mfu_note(torch.device("cpu"), torch.float32)
+    rates[torch.bfloat16] = (4e11, throughput.STARTUP_MATMUL)  # native bf16 (AMX): no warning
+    assert "WARNING" not in throughput.mfu_note(torch.device("cpu"), torch.bfloat16)
+
+
 def test_the_compute_dtype_follows_autocast_then_the_weights():
     model = torch.nn.Linear(2, 2).to(torch.bfloat16)
     assert throughput.compute_dtype("bf16", torch.nn.Linear(2, 2)) == torch.bfloat16

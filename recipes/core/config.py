@@ -20,7 +20,9 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
 
+from recipes.core import attention, torch_compile
 from recipes.core.launch_setup import LaunchSetup
+from recipes.core.torch_compile import COMPILE_MODES
 
 if TYPE_CHECKING:
     from recipes.core.optimizer_recipe import OptimizerRecipe
@@ -47,6 +49,11 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype for from_pretrained: float32 (default, "
                                                            "fp32 master weights), bfloat16, float16 or auto."})
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "The model's attention: sdpa, eager, flex_attention, flash_attention_2/3/4 "
+                                         "(a CUDA GPU and the flash-attn package or kernels), or a kernel repository "
+                                         "on the Hub (the kernels package); default: what transformers picks (sdpa "
+                                         "where the model supports it)."})
 
 
 @dataclass
@@ -116,6 +123,12 @@ class TrainArguments:
     seed: int = 42
     gradient_checkpointing: bool = False
     bf16: bool = False
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the model's decoder blocks with torch.compile (inductor), in place: "
+                                          "the first steps pay the compile time, the later ones run faster."})
+    torch_compile_mode: Optional[str] = field(
+        default=None, metadata={"help": f"torch.compile's mode: {', '.join(COMPILE_MODES)}; setting it turns "
+                                         "--torch_compile on (as in TrainingArguments)."})
     chunked_loss: bool = field(
         default=True, metadata={"help": "Compute the output layer and the loss on the trained positions only, a "
                                          "chunk of logits at a time (recomputed in backward), in training and "
@@ -224,6 +237,8 @@ def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Conf
         raise ConfigError(_unknown_flag_message(remaining))
     explicitly_set = _optimizer_flags_set(optim)
     config = Config(model, data, train, optim, recipe=recipe.name)
+    if train.torch_compile_mode is not None:  # TrainingArguments: a compile mode implies compiling
+        train.torch_compile = True
     recipe.fill_defaults(config)
     validate(config, recipe, explicitly_set)
     return config
@@ -320,6 +335,9 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if d.chat_template and not os.path.isfile(d.chat_template):
         raise ConfigError(f"--chat_template {d.chat_template}: no such file; give the path of a Jinja chat template "
                           "(e.g. an instruct model's chat_template.jinja)")
+    problem = attention.machine_problem(config) or torch_compile.problem(config)
+    if problem:
+        raise ConfigError(problem)
     unread = recipe.flags_it_does_not_read(optimizer_flags_set)
     if unread:
         raise ConfigError(unread)

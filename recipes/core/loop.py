@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from recipes.core import attention
 from recipes.core.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.memory_check import check_memory
@@ -26,8 +27,9 @@ from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.preemption import PreemptedBeforeTraining, PreemptionRequest
 from recipes.core.replicas import replicas_identical
 from recipes.core.run_setup import Run, set_up
-from recipes.core.sources import check_sources, load_model_config
+from recipes.core.sources import check_sources, load_model_config, model_class
 from recipes.core.token_loss import FullLogitsLoss
+from recipes.core.torch_compile import compile_summary
 
 
 def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:
@@ -78,7 +80,8 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
             resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume
             check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line why
             model_config = load_model_config(config)
-            problem = recipe.refuse_model(config, model_config)  # e.g. no module matches the flags' names
+            problem = (recipe.refuse_model(config, model_config)  # e.g. no module matches the flags' names
+                       or attention.model_problem(config, model_class(model_config)))
             if problem:
                 raise ConfigError(problem)
             memory_note = check_memory(recipe, config, model_config)  # fits, from the config alone
@@ -273,7 +276,7 @@ def finish(run: Run) -> dict:
                "train_runtime_s": time.perf_counter() - metrics.training_started, "tokens_seen": state.tokens_seen,
                "trained_tokens_seen": state.trained_tokens_seen, **metrics.throughput_summary(),
                "num_processes": accelerator.num_processes, "replicas_identical": identical,
-               **run.memory_meter.run_peak()}  # this process's peak over the whole run, and the phase that set it
+               **compile_summary(run.config), **run.memory_meter.run_peak()}  # this process's peak over the whole run, and the phase that set it
     metrics.write(results)
     metrics.close()
     if accelerator.is_main_process:

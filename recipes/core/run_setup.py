@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from recipes.core import attention
 from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
 from recipes.core.checkpoint import TrainerState, checkpoints_in, continue_schedule, load_checkpoint, resume_settings
 from recipes.core.config import Config, ConfigError, default_block_size, parse_step_window
@@ -33,8 +34,7 @@ from recipes.core.preemption import PreemptionRequest
 from recipes.core.sources import load_model, load_model_config, load_tokenizer
 from recipes.core.throughput import compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source
 from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
-
-ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+from recipes.core.torch_compile import compile_decoder_blocks
 
 
 @dataclass
@@ -81,10 +81,13 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     train_loader, eval_loader, shuffle, data_summary = build_dataloaders(config, raw, tokenizer, block_size,
                                                                          accelerator)
     model = load_model(config, model_config)
+    attention.set_attention(model, config)
     check_packed_examples_stay_apart(model, train_loader.dataset)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     token_loss, loss_note = build_token_loss(model, t.chunked_loss)  # before any wrapper: it is the output layer's
+    if t.torch_compile:  # in place, before any wrapper: their hooks then run around the compiled blocks
+        loss_note += "\n" + compile_decoder_blocks(model, t.torch_compile_mode)
     optimizer = recipe.build(model, config)
     embedding = model.get_input_embeddings().weight
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
@@ -171,11 +174,9 @@ def parameter_count(model) -> int:
 
 def check_packed_examples_stay_apart(model, rows) -> None:
     """Packed rows rely on position_ids to keep examples apart; refuse an attention that ignores them."""
-    implementation = getattr(model.config, "_attn_implementation", None)
-    if "position_ids" in rows.column_names and implementation not in ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES:
-        raise ConfigError(f"--packing true puts several examples in one row, and the model's attention "
-                          f"({implementation}) would let them attend to each other; use --packing false, or load the "
-                          f"model with one of {', '.join(ATTENTION_THAT_SEPARATES_PACKED_EXAMPLES)}")
+    implementation = attention.attention_of(model)
+    if "position_ids" in rows.column_names and implementation not in attention.SEPARATES_PACKED_EXAMPLES:
+        raise ConfigError(attention.packing_problem(implementation))
 
 
 def build_dataloaders(config: Config, raw, tokenizer, block_size: int, accelerator: Accelerator):

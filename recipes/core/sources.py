@@ -128,6 +128,11 @@ def load_model_config(config: Config):
                                       trust_remote_code=m.trust_remote_code)
 
 
+def model_class(model_config):
+    """The causal-LM class transformers builds for this config, or None (remote code, an unknown type)."""
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)] if type(model_config) in MODEL_FOR_CAUSAL_LM_MAPPING else None
+
+
 def load_model(config: Config, model_config):
     m = config.model
     if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded

@@ -27,6 +27,12 @@ import torch
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", None), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                     ("L4", 121.0), ("RTX 4090", 165.0))
 STARTUP_MATMUL = (2048, 2048, 2048)  # (m, k, n) of the start-up measurement: under 1 s in fp32 on one thread
+# Measured first; where it says STARTUP_MATMUL would take longer than STARTUP_SECONDS a call (bf16 on a CPU without
+# native bf16: 0.3 GFLOP/s on an AVX2-only AMD EPYC, 4 minutes for the measurement), the probe's rate is the one used
+PROBE_MATMUL = (256, 256, 256)
+STARTUP_SECONDS = 1.0
+# bf16 slower than this share of fp32 on a CPU: --bf16 slows the run down (said at start-up)
+SLOW_BF16_SHARE = 0.5
 MEASURED_CPU_DTYPES = (torch.float32, torch.bfloat16)  # fp16 matmuls on a CPU without fp16 units take minutes
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -69,13 +75,23 @@ def cpu_matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = STARTUP_M
 
 
 @functools.lru_cache(maxsize=None)
-def _startup_cpu_matmul_flops(dtype: torch.dtype, threads: int) -> float:
-    return cpu_matmul_flops(dtype)
+def _startup_cpu_matmul(dtype: torch.dtype, threads: int) -> tuple[float, tuple[int, int, int]]:
+    probe = CpuMatmul(dtype, PROBE_MATMUL)
+    probe.seconds()
+    best = probe.flops / min(probe.seconds() for _ in range(5))  # the first calls of a process run slow
+    m, k, n = STARTUP_MATMUL
+    shape = PROBE_MATMUL if 2 * m * k * n / best > STARTUP_SECONDS else STARTUP_MATMUL  # too slow: the probe's
+    return cpu_matmul_flops(dtype, shape), shape
+
+
+def startup_cpu_matmul(dtype: torch.dtype) -> tuple[float, tuple[int, int, int]]:
+    """(FLOP/s, shape): `cpu_matmul_flops` at the start-up shape, or at the probe's where that would be slow,
+    measured once per process, dtype and thread count."""
+    return _startup_cpu_matmul(dtype, torch.get_num_threads())
 
 
 def startup_cpu_matmul_flops(dtype: torch.dtype) -> float:
-    """`cpu_matmul_flops` at the start-up shape, measured once per process, dtype and thread count."""
-    return _startup_cpu_matmul_flops(dtype, torch.get_num_threads())
+    return startup_cpu_matmul(dtype)[0]
 
 
 def compute_dtype(mixed_precision: str, model: torch.nn.Module) -> torch.dtype:
@@ -118,16 +134,31 @@ def flops_per_token(model_config, num_parameters: int, embedding_parameters: int
     return 6 * (num_parameters - embedding_parameters) + 12 * layers * heads * head_dim * sequence_length
 
 
+def slow_bf16_warning(dtype: torch.dtype) -> str:
+    """A warning for the start-up line when this CPU runs bf16 matmuls far slower than fp32 (no AVX512-BF16 or AMX:
+    bf16 is emulated), else ""."""
+    if dtype != torch.bfloat16:
+        return ""
+    bf16, fp32 = startup_cpu_matmul_flops(torch.bfloat16), startup_cpu_matmul_flops(torch.float32)
+    if bf16 >= SLOW_BF16_SHARE * fp32:
+        return ""
+    return (f"\nWARNING: this CPU runs bf16 matmuls at {bf16 / 1e9:,.1f} GFLOP/s against {fp32 / 1e9:,.0f} in fp32 "
+            f"({torch.backends.cpu.get_cpu_capability()}, no native bf16): bf16 compute (--bf16 true, --dtype "
+            "bfloat16) makes this run many times slower; drop it here (bf16 pays on CPUs with AVX512-BF16 or AMX, "
+            "and on GPUs)")
+
+
 def mfu_note(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Said once at start-up."""
     peak = peak_flops(device, dtype)
     if device.type == "cpu":
         if peak is None:
             return f"no MFU: {DTYPE_NAMES.get(dtype, dtype)} matmuls on a CPU are not measured (fp32 and bf16 are)"
-        m, k, n = STARTUP_MATMUL
+        m, k, n = startup_cpu_matmul(dtype)[1]
         shape = f"{m}^3" if m == k == n else f"{m}x{k}x{n}"
-        return (f"MFU against this CPU's measured {DTYPE_NAMES[dtype]} matmul rate ({peak / 1e9:,.0f} GFLOP/s, "
+        note = (f"MFU against this CPU's measured {DTYPE_NAMES[dtype]} matmul rate ({peak / 1e9:,.1f} GFLOP/s, "
                 f"{shape}, {torch.get_num_threads()} thread(s), measured at start-up)")
+        return note + slow_bf16_warning(dtype)
     if device.type != "cuda":
         return f"no MFU on a {device.type} device"
     if peak is not None:
