@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
 
 HARNESSES = ("bare", "recipe", "trainer")
+COMPILED = "+compile"  # a harness name with this suffix compiles: the recipe's --torch_compile true, the Trainer's
+# torch_compile=True (the whole model, through accelerate), the bare loop's decoder blocks as the recipe compiles them
 TRAINER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "grokadamw": "grokadamw", "lomo": "lomo",
                  "adalomo": "adalomo", "schedule_free_adamw": "schedule_free_adamw",
                  "schedule_free_sgd": "schedule_free_sgd"}
@@ -83,7 +85,7 @@ def recipe_argv(args, output_dir: str) -> list[str]:
     argv = ["--model_name_or_path", args.model, "--output_dir", output_dir, "--max_steps", str(args.total_steps),
             "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--block_size",
             str(args.block_size), "--logging_steps", "10", "--save_steps", "0", "--report_to", "none"]
-    return argv + (["--bf16", "true"] if args.bf16 else [])
+    return argv + (["--bf16", "true"] if args.bf16 else []) + (["--torch_compile", "true"] if args.compile else [])
 
 
 def token_blocks(model_dir: str, block_size: int):
@@ -127,6 +129,10 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     torch.manual_seed(t.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
     token_loss, _ = build_token_loss(model, t.chunked_loss)  # the recipes' loss: the loop is what is compared
+    if args.compile:
+        from recipes.core.torch_compile import compile_decoder_blocks
+
+        compile_decoder_blocks(model, None)
     optimizer = recipe.build(model, config)
     fused = hasattr(optimizer, "fused_backward")
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
@@ -211,7 +217,7 @@ def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
         max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
         per_device_train_batch_size=args.per_device_train_batch_size, max_steps=args.total_steps, logging_steps=10,
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
-        seed=t.seed, use_cpu=not torch.cuda.is_available())
+        seed=t.seed, use_cpu=not torch.cuda.is_available(), torch_compile=args.compile)
     Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b, "labels": b} for b in blocks],
             callbacks=[Clock()]).train()
     return profile
@@ -222,18 +228,21 @@ def run_one(args) -> None:
     import torch
 
     harness, name = args.run
+    args.compile = harness.endswith(COMPILED)
     clock = StepClock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
     result = {"harness": harness, "optimizer": name, "tokens_per_step": args.per_device_train_batch_size *
               args.block_size, "error": None}
     with tempfile.TemporaryDirectory() as output_dir:
         try:
-            result["tensor_peak"] = {"bare": run_bare, "recipe": run_recipe, "trainer": run_trainer}[harness](
-                name, args, clock, output_dir)
+            result["tensor_peak"] = {"bare": run_bare, "recipe": run_recipe, "trainer": run_trainer}[
+                harness.removesuffix(COMPILED)](name, args, clock, output_dir)
         except Exception as error:  # the Trainer cannot run every optimizer everywhere: say why in the table
-            if harness != "trainer":
+            if not harness.startswith("trainer"):
                 raise
             result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
     result.update(step_seconds=clock.step_seconds()[args.warmup:], peak_bytes=clock.peak,
+                  wall_seconds=time.perf_counter() - started, steps=args.total_steps,
                   # both meters read (and reset) the same counter: the peak is in one of their readings
                   run_peak_bytes=max(getattr(clock, "recipe_run_peak", 0), clock.run_peak()),
                   peak_kind="max_memory_allocated" if torch.cuda.is_available() else "peak RSS")
@@ -263,6 +272,31 @@ def ratio(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median
     """Median over rounds of round[a] / round[b] (keys are (harness, optimizer))."""
     values = [key(r[a]) / key(r[b]) for r in rounds if a in r and b in r and key(r[a]) and key(r[b])]
     return statistics.median(values) if values else None
+
+
+def compile_cost(run: dict) -> float | None:
+    """A run's wall time (load, every step, evaluation, save) beyond its steps at their steady pace."""
+    return run["wall_seconds"] - run["steps"] * median_step(run) if median_step(run) else None
+
+
+def compile_notes(rounds: list[dict], optimizers: list[str], harnesses: list[str]) -> list[str]:
+    """Per harness measured eager and compiled: the compiled/eager step time, what compiling added to the run (its
+    wall time beyond its steps, less the eager run's), and the steps after which compiling has paid for itself."""
+    notes = []
+    for h in (h for h in harnesses if h + COMPILED in harnesses):
+        for n in optimizers:
+            speed = ratio(rounds, (h + COMPILED, n), (h, n))
+            added = [compile_cost(r[(h + COMPILED, n)]) - compile_cost(r[(h, n)]) for r in rounds
+                     if (h, n) in r and (h + COMPILED, n) in r and median_step(r[(h, n)])
+                     and median_step(r[(h + COMPILED, n)])]
+            if speed is None or not added:
+                continue
+            eager = statistics.median(s for r in rounds if (h, n) in r for s in r[(h, n)]["step_seconds"])
+            saved = eager * (1 - speed)
+            pays = f"pays after ~{statistics.median(added) / saved:,.0f} steps" if saved > 0 else "never pays"
+            notes.append(f"- `{n}` {h}: compiled/eager step time {speed:.2f}; compiling added "
+                         f"{statistics.median(added):.0f} s to the run; {pays}")
+    return notes
 
 
 def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], setup: str) -> tuple[str, dict]:
@@ -325,6 +359,8 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
                 pairs[f"{h}: {a}/{b}"] = value
     if pairs:
         notes.append("- step time ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items()))
+    compiled = compile_notes(rounds, optimizers, harnesses)
+    notes += compiled
     targets = []
     for n, row in summary.items():
         for key, limit in TARGETS.items():
@@ -335,7 +371,7 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
                  f"{len(targets) - len(missed)} of {len(targets)} met" + (f"; missed: {', '.join(missed)}"
                                                                             if missed else ""))
     text = setup + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-    return text, {"setup": setup, "optimizers": summary, "pairs": pairs,
+    return text, {"setup": setup, "optimizers": summary, "pairs": pairs, "compile": compiled,
                   "targets": [dict(zip(("optimizer", "ratio", "value", "limit", "met"), t)) for t in targets]}
 
 
@@ -345,7 +381,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model_name_or_path", default=None, help="a local model folder; default the embedded model")
     parser.add_argument("--sizes", default="", help="the embedded model at other sizes, e.g. num_hidden_layers=32")
     parser.add_argument("--optimizers", default=",".join(TRAINER_OPTIM))
-    parser.add_argument("--harnesses", default=",".join(HARNESSES))
+    parser.add_argument("--harnesses", default=",".join(HARNESSES),
+                        help=f"of {', '.join(HARNESSES)}, each also as <harness>{COMPILED}: compiled")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
@@ -357,10 +394,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     optimizers, harnesses = args.optimizers.split(","), args.harnesses.split(",")
-    unknown = [n for n in optimizers if n not in TRAINER_OPTIM] + [h for h in harnesses if h not in HARNESSES]
+    unknown = [n for n in optimizers if n not in TRAINER_OPTIM]
+    unknown += [h for h in harnesses if h.removesuffix(COMPILED) not in HARNESSES]
     if unknown:
         parser.error(f"unknown optimizer or harness: {', '.join(unknown)}; optimizers: {', '.join(TRAINER_OPTIM)}; "
-                     f"harnesses: {', '.join(HARNESSES)}")
+                     f"harnesses: {', '.join(HARNESSES)}, each also with {COMPILED} (compiled)")
     if args.warmup < PROFILED_STEP - 1:
         parser.error(f"--warmup {args.warmup} would time step {PROFILED_STEP}, which runs under MemTracker; use 1+")
     args.total_steps = 1 + args.warmup + args.steps  # step times start at step 2
@@ -397,7 +435,7 @@ def main(argv=None) -> None:
                 run = measure(args, harness, name, folder / "runs")
                 rounds[-1][(harness, name)] = run
                 shown = f"{median_step(run) * 1e3:.1f} ms/step" if median_step(run) else run["error"]
-                print(f"round {r + 1}/{args.rounds} {harness:7} {name:20} {shown}", flush=True)
+                print(f"round {r + 1}/{args.rounds} {harness:15} {name:20} {shown}", flush=True)
     text, summary = summarize(rounds, optimizers, harnesses, setup)
     (folder / "benchmark.md").write_text(text)
     (folder / "benchmark.json").write_text(json.dumps(

@@ -43,6 +43,23 @@ def test_reduced_benchmark_measures_every_harness_and_says_why_one_cannot_run(tm
     assert "targets (recipe/bare <= 1.03 time" in table and report["targets"]
 
 
+def test_reduced_benchmark_compiles_the_recipe_and_the_trainer(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out),
+                           "--optimizers", "adamw", "--harnesses", "recipe,recipe+compile,trainer+compile",
+                           "--rounds", "1", "--steps", "2", "--warmup", "1"],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "benchmark.json").read_text())
+    runs = {run["harness"]: run for run in report["runs"][0]}
+    assert set(runs) == {"recipe", "recipe+compile", "trainer+compile"}
+    assert all(run["error"] is None and len(run["step_seconds"]) == 2 and run["wall_seconds"] > 0
+               for run in runs.values())
+    # compiled vs eager: the step-time ratio, what compiling added to the run, when it pays (no timing asserted)
+    assert len(report["compile"]) == 1 and report["compile"][0].startswith("- `adamw` recipe: compiled/eager step ")
+    assert report["compile"][0] in (out / "benchmark.md").read_text()
+
+
 def test_loss_cost_times_both_losses_on_both_batches(tmp_path):
     """launch/loss_cost.py, one round: both losses timed on the plain-text and the answers-only batch."""
     out = tmp_path / "loss_cost.json"

@@ -4,6 +4,7 @@ config that compiles too, a model class without the attention), and compiled run
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from recipes.adamw import RECIPE as ADAMW
 from recipes.core.attention import model_problem
@@ -82,3 +83,13 @@ def test_a_compiled_run_trains_as_the_eager_one(recipe, config, flags, tmp_path,
     assert train_losses(out) == pytest.approx(train_losses(reference), rel=1e-4)
     assert done["eval_loss"] == pytest.approx(results(reference)["eval_loss"], rel=1e-4)
     assert_same_weights(out, reference)  # every parameter updated, once per step (LOMO's hooks included)
+
+
+def test_the_attention_flag_reaches_the_model(tmp_path):
+    from tests.conftest import run_here
+
+    for flags, expected in (([], "sdpa"), (["--attn_implementation", "eager"], "eager")):
+        out = tmp_path / expected
+        proc = run_here("adamw", "--max_steps", "1", *flags, "--output_dir", str(out))
+        assert f"\nattention: {expected}\n" in proc.stdout
+        assert yaml.safe_load((out / "run_config.yaml").read_text())["attention"] == expected  # the loaded model's

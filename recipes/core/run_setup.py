@@ -82,6 +82,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
                                                                          accelerator)
     model = load_model(config, model_config)
     attention.set_attention(model, config)
+    attention_used = attention.attention_of(model)
     check_packed_examples_stay_apart(model, train_loader.dataset)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -109,6 +110,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
             for old in checkpoints_in(output_dir):
                 shutil.rmtree(old)
         resolved = config.to_dict() | {"block_size": block_size, "total_steps": total_steps,
+                                       "attention": attention_used,
                                        "num_processes": accelerator.num_processes,
                                        "distributed_type": str(accelerator.distributed_type),
                                        "data_summary": data_summary.to_dict()}
@@ -122,7 +124,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
                       + schedule_note
                       + f"; {mfu_note(accelerator.device, matmul_dtype)}"
                       + "".join(f"\n--{flag} {why}" for flag, why in config.defaults_used.items())
-                      + f"\n{data_summary.describe()}\n{loss_note}"
+                      + f"\n{data_summary.describe()}\nattention: {attention_used}\n{loss_note}"
                       + (f"\n{memory_note}" if memory_note else ""))
 
     metrics = TrainingMetrics(accelerator, output_dir, total_steps, first_step=state.step,
