@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from recipes.adamw import RECIPE as ADAMW
+from recipes.core import torch_compile
 from recipes.core.attention import model_problem
 from recipes.core.config import ConfigError, parse_config
 from tests.conftest import STEPS, assert_same_weights, launch, results, train_losses
@@ -17,8 +18,8 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused(monkeypatch, tmp_p
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(ConfigError, match=r"--torch_compile on a CPU needs a C\+\+ compiler .* install one "
                                           r"\(e.g. apt install g\+\+\) or drop --torch_compile"):
-        parse_config(ADAMW, ["--torch_compile", "true"])
-    parse_config(ADAMW, [])  # not compiling: no compiler needed
+        raise ConfigError(torch_compile.problem(parse_config(ADAMW, ["--torch_compile", "true"])))
+    assert torch_compile.problem(parse_config(ADAMW, [])) is None  # not compiling: no compiler needed
 
 
 def test_an_accelerate_config_that_compiles_the_whole_model_is_refused(monkeypatch):
@@ -26,7 +27,7 @@ def test_an_accelerate_config_that_compiles_the_whole_model_is_refused(monkeypat
     with pytest.raises(ConfigError, match="the accelerate config sets dynamo_backend INDUCTOR, which would compile "
                                           "the whole model around the chunked loss; remove dynamo_config from the "
                                           "config file and pass --torch_compile true"):
-        parse_config(ADAMW, [])
+        raise ConfigError(torch_compile.problem(parse_config(ADAMW, [])))
 
 
 def test_a_compile_mode_turns_compiling_on_as_in_training_arguments():
@@ -56,7 +57,7 @@ def test_compiling_under_zero3_is_refused_with_the_configs_that_compile(monkeypa
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ConfigError, match=r"--torch_compile under DeepSpeed ZeRO-3 would mostly run eager: .* compile "
                                           r"with accelerate_configs/zero2.yaml, fsdp2.yaml"):
-        parse_config(ADAMW, ["--torch_compile", "true"])
+        raise ConfigError(torch_compile.problem(parse_config(ADAMW, ["--torch_compile", "true"])))
 
 
 # One recipe of each family, each under a setup it compiles in, against the same eager 1-process run (global batch

@@ -20,9 +20,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
 
-from recipes.core import attention, torch_compile
 from recipes.core.launch_setup import LaunchSetup
-from recipes.core.torch_compile import COMPILE_MODES
 
 if TYPE_CHECKING:
     from recipes.core.optimizer_recipe import OptimizerRecipe
@@ -35,6 +33,7 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "alpaca")  # recipes/core/data_formats.py
 BAD_ROW_ACTIONS = ("error", "skip")
 MEMORY_CHECKS = ("error", "warn", "off")  # recipes/core/memory_check.py
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 class ConfigError(ValueError):
@@ -335,9 +334,8 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if d.chat_template and not os.path.isfile(d.chat_template):
         raise ConfigError(f"--chat_template {d.chat_template}: no such file; give the path of a Jinja chat template "
                           "(e.g. an instruct model's chat_template.jinja)")
-    problem = attention.machine_problem(config) or torch_compile.problem(config)
-    if problem:
-        raise ConfigError(problem)
+    if t.torch_compile_mode is not None and t.torch_compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--torch_compile_mode {t.torch_compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
     unread = recipe.flags_it_does_not_read(optimizer_flags_set)
     if unread:
         raise ConfigError(unread)

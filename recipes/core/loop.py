@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from recipes.core import attention
+from recipes.core import attention, torch_compile
 from recipes.core.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
 from recipes.core.config import Config, ConfigError, parse_config
 from recipes.core.memory_check import check_memory
@@ -77,6 +77,9 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
         output_dir = Path(config.train.output_dir)
         there_before = set(output_dir.iterdir()) if output_dir.is_dir() else None
         try:
+            problem = attention.machine_problem(config) or torch_compile.problem(config)  # this machine can run them
+            if problem:
+                raise ConfigError(problem)
             resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume
             check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line why
             model_config = load_model_config(config)

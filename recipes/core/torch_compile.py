@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
-if TYPE_CHECKING:
-    from recipes.core.config import Config
+from recipes.core.config import Config, ConfigError
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CPU_COMPILERS = ("g++", "clang++", "c++")  # inductor writes and builds C++ for a CPU
 
 
@@ -40,8 +38,6 @@ def problem(config: Config) -> Optional[str]:
         return (f"the accelerate config sets dynamo_backend {accelerate_backend.upper()}, which would compile the "
                 "whole model around the chunked loss; remove dynamo_config from the config file and pass "
                 "--torch_compile true (the decoder blocks, compiled in place)")
-    if t.torch_compile_mode is not None and t.torch_compile_mode not in COMPILE_MODES:
-        return f"--torch_compile_mode {t.torch_compile_mode!r}: use one of {', '.join(COMPILE_MODES)}"
     if not t.torch_compile:
         return None
     launch = config.launch
@@ -75,8 +71,6 @@ def compile_decoder_blocks(model: torch.nn.Module, mode: str | None) -> str:
     """Compile each decoder block in place (lazily: the first forward compiles); returns the start-up line."""
     blocks = decoder_blocks(model)
     if not blocks:
-        from recipes.core.config import ConfigError
-
         raise ConfigError(f"--torch_compile compiles the model's decoder blocks, and {type(model).__name__} names none "
                           "(_no_split_modules is empty); drop --torch_compile for this model")
     for block in blocks:
