@@ -9,10 +9,11 @@ CPU, at the first forward; here each is one line before anything loads.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
+
+from recipes.core.sources import offline_variable
 
 if TYPE_CHECKING:
     from recipes.core.config import Config
@@ -29,7 +30,6 @@ FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
 CLASS_SUPPORT = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn",
                  "flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn",
                  "flash_attention_4": "_supports_flash_attn"}
-_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def is_hub_kernel(name: str) -> bool:
@@ -52,7 +52,7 @@ def machine_problem(config: Config) -> Optional[str]:
     if is_hub_kernel(name):
         if importlib.util.find_spec("kernels") is None:
             return f"{flag} is loaded by the kernels package, which is not installed: pip install kernels"
-        offline = next((v for v in _OFFLINE if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")), None)
+        offline = offline_variable()
         if offline:
             return (f"{flag} is downloaded from the Hub, and {offline} is set; fetch it where there is internet "
                     f"(`hf download {name.split(':')[0]}`, same HF_HOME) or use sdpa")

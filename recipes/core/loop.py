@@ -279,7 +279,8 @@ def finish(run: Run) -> dict:
                "train_runtime_s": time.perf_counter() - metrics.training_started, "tokens_seen": state.tokens_seen,
                "trained_tokens_seen": state.trained_tokens_seen, **metrics.throughput_summary(),
                "num_processes": accelerator.num_processes, "replicas_identical": identical,
-               **compile_summary(run.config), **run.memory_meter.run_peak()}  # this process's peak over the whole run, and the phase that set it
+               **compile_summary(run.config),
+               **run.memory_meter.run_peak()}  # this process's peak over the whole run, and the phase that set it
     metrics.write(results)
     metrics.close()
     if accelerator.is_main_process:

@@ -50,7 +50,8 @@ def check_sources(config: Config) -> None:
         _check_dataset(d.dataset_name, d.dataset_config_name)
 
 
-def _offline() -> str | None:
+def offline_variable() -> str | None:
+    """The environment variable that keeps the Hub from being asked, if one is set."""
     return next((name for name in _OFFLINE if os.environ.get(name, "").lower() in ("1", "true", "yes", "on")), None)
 
 
@@ -99,7 +100,7 @@ def _check_dataset(name: str, config_name: str | None) -> None:
 
 
 def _hub_message(flag: str, value: str, error: Exception, download: str) -> str:
-    offline = _offline()
+    offline = offline_variable()
     if offline:
         return (f"{flag} {value}: not in the local Hugging Face cache, and {offline} is set so the Hub is not asked; "
                 f"fetch it where there is internet (`{download}`, same HF_HOME), or give a local path")
