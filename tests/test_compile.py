@@ -61,10 +61,13 @@ def test_compiling_under_zero3_is_refused_with_the_configs_that_compile(monkeypa
 
 
 # One recipe of each family, each under a setup it compiles in, against the same eager 1-process run (global batch
-# 8). Gradient checkpointing recomputes through the compiled blocks; LOMO's fused update runs in gradient hooks
-# outside the graph, beside DDP's; FSDP2 gathers each block's shards around its compiled forward.
+# 8): a plain optimizer step (adamw; under FSDP2 too, which gathers each block's shards around its compiled
+# forward); schedule-free's train/eval modes, here with gradient checkpointing recomputing through the compiled
+# blocks; LOMO's fused update in gradient hooks outside the graph, beside DDP's; GrokAdamW's gradient EMA; GaLore's
+# SVD of each compiled block's gradients (the low-rank family: apollo, apollo_mini); 8-bit AdamW's quantized state.
 COMPILED = [("adamw", "cpu.yaml", ()), ("schedule_free_adamw", "cpu.yaml", ("--gradient_checkpointing", "true")),
-            ("lomo", "multi_gpu.yaml", ()), ("adamw", "fsdp2.yaml", ())]
+            ("lomo", "multi_gpu.yaml", ()), ("adamw", "fsdp2.yaml", ()), ("grokadamw", "cpu.yaml", ()),
+            ("galore", "cpu.yaml", ()), ("adamw_8bit", "cpu.yaml", ())]
 
 
 @pytest.mark.parametrize("recipe, config, flags", COMPILED)
