@@ -42,7 +42,15 @@ COMPILED = "+compile"  # a harness name with this suffix compiles: the recipe's 
 # torch_compile=True (the whole model, through accelerate), the bare loop's decoder blocks as the recipe compiles them
 TRAINER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "grokadamw": "grokadamw", "lomo": "lomo",
                  "adalomo": "adalomo", "schedule_free_adamw": "schedule_free_adamw",
-                 "schedule_free_sgd": "schedule_free_sgd"}
+                 "schedule_free_sgd": "schedule_free_sgd", "galore": "galore_adamw", "apollo": "apollo_adamw",
+                 "apollo_mini": "apollo_adamw", "adamw_8bit": "adamw_bnb_8bit", "stable_adamw": "stable_adamw"}
+FIRST_SEVEN = tuple(TRAINER_OPTIM)[:7]  # the default set; the memory savers by name (--optimizers)
+# What else the Trainer needs to build the recipe's optimizer: the low-rank recipes' default targets (every linear
+# layer of the decoder blocks) and APOLLO-Mini's preset, as the Transformers docs give it.
+LOW_RANK_TARGETS = {"optim_target_modules": ["self_attn", "mlp"]}
+TRAINER_EXTRA = {"galore": LOW_RANK_TARGETS, "apollo": LOW_RANK_TARGETS,
+                 "apollo_mini": {**LOW_RANK_TARGETS,
+                                 "optim_args": "proj=random,rank=1,scale=128,scale_type=tensor,update_proj_gap=200"}}
 PROFILED_STEP = 2  # the step the recipe's --profile_memory measures; the other harnesses measure the same one
 TARGETS = {"recipe/bare time": 1.03, "recipe/bare peak": 1.05, "recipe/trainer time": 1.00}
 # compared step times: the LOMO-family recipe against the optimizer with the same state it stands in for
@@ -217,7 +225,8 @@ def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
         max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
         per_device_train_batch_size=args.per_device_train_batch_size, max_steps=args.total_steps, logging_steps=10,
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
-        seed=t.seed, use_cpu=not torch.cuda.is_available(), torch_compile=args.compile)
+        seed=t.seed, use_cpu=not torch.cuda.is_available(), torch_compile=args.compile,
+        **TRAINER_EXTRA.get(name, {}))
     Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b, "labels": b} for b in blocks],
             callbacks=[Clock()]).train()
     return profile
@@ -380,7 +389,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--model_name_or_path", default=None, help="a local model folder; default the embedded model")
     parser.add_argument("--sizes", default="", help="the embedded model at other sizes, e.g. num_hidden_layers=32")
-    parser.add_argument("--optimizers", default=",".join(TRAINER_OPTIM))
+    parser.add_argument("--optimizers", default=",".join(FIRST_SEVEN),
+                        help=f"of {', '.join(TRAINER_OPTIM)}; default the first seven")
     parser.add_argument("--harnesses", default=",".join(HARNESSES),
                         help=f"of {', '.join(HARNESSES)}, each also as <harness>{COMPILED}: compiled")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)

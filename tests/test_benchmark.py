@@ -74,3 +74,18 @@ def test_loss_cost_times_both_losses_on_both_batches(tmp_path):
             assert set(by_loss) == {"chunked", "whole"}
             assert all(len(times) == rounds and min(times) > 0 for times in by_loss.values())
     assert "| answers only (25% trained) |" in proc.stdout and "CPU" in proc.stdout
+
+
+def test_trainer_harness_builds_the_memory_savers_optimizer_as_the_recipe_does(tmp_path):
+    # APOLLO-Mini needs the Trainer's target modules and its rank-1 preset (TRAINER_EXTRA): without them the Trainer
+    # refuses or builds a different optimizer, and the comparison would time something else.
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out),
+                           "--optimizers", "apollo_mini", "--harnesses", "recipe,trainer",
+                           "--rounds", "1", "--steps", "2", "--warmup", "1"],
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {run["harness"]: run for run in json.loads((out / "benchmark.json").read_text())["runs"][0]}
+    assert all(run["error"] is None and len(run["step_seconds"]) == 2 for run in runs.values())
+    recipe, trainer = runs["recipe"]["tensor_peak"], runs["trainer"]["tensor_peak"]
+    assert recipe["optimizer_state"] == trainer["optimizer_state"] > 0
