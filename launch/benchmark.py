@@ -277,10 +277,29 @@ def median_step(run: dict) -> float | None:
     return statistics.median(run["step_seconds"]) if run["step_seconds"] and not run["error"] else None
 
 
+def round_ratios(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median_step) -> list[float]:
+    """Each round's round[a] / round[b] (keys are (harness, optimizer)), where both ran."""
+    return [key(r[a]) / key(r[b]) for r in rounds if a in r and b in r and key(r[a]) and key(r[b])]
+
+
 def ratio(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median_step) -> float | None:
-    """Median over rounds of round[a] / round[b] (keys are (harness, optimizer))."""
-    values = [key(r[a]) / key(r[b]) for r in rounds if a in r and b in r and key(r[a]) and key(r[b])]
+    """Median over rounds of round[a] / round[b]."""
+    values = round_ratios(rounds, a, b, key)
     return statistics.median(values) if values else None
+
+
+def against_adamw(rounds: list[dict], optimizers: list[str], harnesses: list[str]) -> list[str]:
+    """Per harness, each optimizer's step time over AdamW's in the same round: the median, and each round's."""
+    notes = []
+    for h in harnesses if "adamw" in optimizers and len(optimizers) > 1 else ():
+        cells = []
+        for n in (n for n in optimizers if n != "adamw"):
+            values = round_ratios(rounds, (h, n), (h, "adamw"))
+            if values:
+                cells.append(f"`{n}` {statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})")
+        if cells:
+            notes.append(f"- {h} step time vs `adamw` (median of the rounds' ratios; each round's): " + ", ".join(cells))
+    return notes
 
 
 def compile_cost(run: dict) -> float | None:
@@ -368,6 +387,7 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
                 pairs[f"{h}: {a}/{b}"] = value
     if pairs:
         notes.append("- step time ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items()))
+    notes += against_adamw(rounds, optimizers, harnesses)
     compiled = compile_notes(rounds, optimizers, harnesses)
     notes += compiled
     targets = []

@@ -236,9 +236,10 @@ def write_report(folder: Path, record: dict) -> None:
              "until its best learning rate (the highest accuracy, then the lowest eval loss; **bold** below) is not at "
              "an end of those tried, or the sweep's cap; the best is then run again with each further training seed "
              "(accuracy and eval loss per seed). Peak: the process's peak memory over the whole run (and the phase "
-             "that set it).", "", *summary_table(record), "", "Every run:", "",
-             "| recipe | learning rate | seed | eval loss | held-out accuracy | peak (GiB) | s/step | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "that set it). A resumed comparison may hold runs from several machines: s/step compares only within one "
+             "(the machine column).", "", *summary_table(record), "", "Every run:", "",
+             "| recipe | learning rate | seed | eval loss | held-out accuracy | peak (GiB) | s/step | tokens/s | machine |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
         default = " (default)" if run["learning_rate"] == run["default_learning_rate"] and not run.get("flags") else ""
         label = f", {run['label']}" if run.get("flags") else ""
@@ -246,7 +247,8 @@ def write_report(folder: Path, record: dict) -> None:
         peak = "diverged" if run.get("diverged") else f"{run['peak_memory_gib']:.2f} ({run['peak_phase']})"
         lines.append(f"| `{run['recipe']}`{label} | {run['learning_rate']:g}{default} | {run.get('seed', seed)} | "
                      f"{bold}{run['eval_loss']:.3f}{bold} | {bold}{run['accuracy']:.0%}{bold} | {peak} | "
-                     f"{_number(run['seconds_per_step'])} | {_number(run['tokens_per_s'], ',.0f')} |")
+                     f"{_number(run['seconds_per_step'])} | {_number(run['tokens_per_s'], ',.0f')} | "
+                     f"{run.get('hardware', 'not recorded')} |")
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     plot(folder / "eval_loss.png", base, best, record["setup"])
 
@@ -258,10 +260,11 @@ def plot(path: Path, base: dict, best: dict[str, dict], setup: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for name, run in best.items():
+    for i, (name, run) in enumerate(best.items()):  # ten colours, then the same ten dashed
         steps, losses = zip(*([(0, base["eval_loss"])] + [tuple(p) for p in run["eval_curve"]]
                               + [(run["max_steps"], run["eval_loss"])]))
-        ax.plot(steps, losses, marker="o", markersize=3, label=f"{name} (lr {run['learning_rate']:g})")
+        ax.plot(steps, losses, marker="o", markersize=3, color=f"C{i % 10}", linestyle=("-", "--")[i // 10 % 2],
+                label=f"{name} (lr {run['learning_rate']:g})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("eval loss (answer tokens, held-out questions)")
     ax.set_yscale("log")

@@ -9,8 +9,9 @@ APOLLO-Mini (rank 1, tensor scaling) is its own recipe, recipes/apollo_mini.py.
 Defaults are the Transformers Trainer's for optim="apollo_adamw": rank 128, proj random, scale_type channel,
 update_proj_gap 200, scale 1.0, proj_type std (flags under LLaMA-Factory's names: --apollo_rank,
 --apollo_update_interval, --apollo_scale, --apollo_scale_type, --apollo_proj, --apollo_proj_type).
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
-embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's; fine-tuning
+SmolLM2-135M-Instruct for 30 steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 5.4e-4, the sweep's cap: 98%
+held-out accuracy on both seeds), else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only (the Trainer's APOLLO groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
 DDP (every process draws the same projection from the same seed).

@@ -8,8 +8,9 @@ layer, norms and biases get full-rank AdamW.
 Defaults are the Transformers Trainer's for optim="galore_adamw": rank 128, update_proj_gap 200, scale 0.25,
 proj_type std (flags under LLaMA-Factory's names: --galore_rank, --galore_update_interval, --galore_scale,
 --galore_proj_type).
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
-embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's; fine-tuning
+SmolLM2-135M-Instruct for 30 steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 5.4e-4, the sweep's cap: 73%
+held-out accuracy on both seeds), else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only (the Trainer's GaLore groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
 DDP (every process computes the same SVD of the same averaged gradient) and FSDP2 (the gradients are DTensor

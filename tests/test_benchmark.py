@@ -13,13 +13,17 @@ import torch
 from tests.conftest import REPO, offline_env
 
 
-def test_reduced_benchmark_measures_every_harness_and_says_why_one_cannot_run(tmp_path):
-    out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out),
-                           "--optimizers", "lomo,adalomo", "--rounds", "1", "--steps", "3", "--warmup", "1"],
+def run_benchmark(out, *flags: str) -> dict:
+    """launch/benchmark.py into `out` with these flags, as a user runs it; its benchmark.json."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out), *flags],
                           cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads((out / "benchmark.json").read_text())
+    return json.loads((out / "benchmark.json").read_text())
+
+
+def test_reduced_benchmark_measures_every_harness_and_says_why_one_cannot_run(tmp_path):
+    out = tmp_path / "bench"
+    report = run_benchmark(out, "--optimizers", "lomo,adalomo", "--rounds", "1", "--steps", "3", "--warmup", "1")
     runs = {(run["harness"], run["optimizer"]): run for run in report["runs"][0]}
     trainer_runs_adalomo = torch.cuda.is_available()  # lomo-optim's AdaLomo allocates with .cuda()
     for (harness, name), run in runs.items():
@@ -45,12 +49,8 @@ def test_reduced_benchmark_measures_every_harness_and_says_why_one_cannot_run(tm
 
 def test_reduced_benchmark_compiles_the_recipe_and_the_trainer(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out),
-                           "--optimizers", "adamw", "--harnesses", "recipe,recipe+compile,trainer+compile",
-                           "--rounds", "1", "--steps", "2", "--warmup", "1"],
-                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads((out / "benchmark.json").read_text())
+    report = run_benchmark(out, "--optimizers", "adamw", "--harnesses", "recipe,recipe+compile,trainer+compile",
+                           "--rounds", "1", "--steps", "2", "--warmup", "1")
     runs = {run["harness"]: run for run in report["runs"][0]}
     assert set(runs) == {"recipe", "recipe+compile", "trainer+compile"}
     assert all(run["error"] is None and len(run["step_seconds"]) == 2 and run["wall_seconds"] > 0
@@ -80,12 +80,25 @@ def test_trainer_harness_builds_the_memory_savers_optimizer_as_the_recipe_does(t
     # APOLLO-Mini needs the Trainer's target modules and its rank-1 preset (TRAINER_EXTRA): without them the Trainer
     # refuses or builds a different optimizer, and the comparison would time something else.
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--output_dir", str(out),
-                           "--optimizers", "apollo_mini", "--harnesses", "recipe,trainer",
-                           "--rounds", "1", "--steps", "2", "--warmup", "1"],
-                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = {run["harness"]: run for run in json.loads((out / "benchmark.json").read_text())["runs"][0]}
+    report = run_benchmark(out, "--optimizers", "apollo_mini", "--harnesses", "recipe,trainer",
+                           "--rounds", "1", "--steps", "2", "--warmup", "1")
+    runs = {run["harness"]: run for run in report["runs"][0]}
     assert all(run["error"] is None and len(run["step_seconds"]) == 2 for run in runs.values())
     recipe, trainer = runs["recipe"]["tensor_peak"], runs["trainer"]["tensor_peak"]
     assert recipe["optimizer_state"] == trainer["optimizer_state"] > 0
+
+
+def test_step_time_against_adamw_is_taken_within_each_round():
+    # A slower round slows every recipe in it: the ratio is each round's, then their median (0.5 and 0.75 here),
+    # not the ratio of the medians (2/3), which would let the drift between rounds in.
+    sys.path.insert(0, str(REPO / "launch"))
+    from benchmark import against_adamw
+
+    def run(seconds):
+        return {"step_seconds": [seconds], "error": None}
+
+    rounds = [{("recipe", "adamw"): run(2.0), ("recipe", "lomo"): run(1.0)},
+              {("recipe", "adamw"): run(4.0), ("recipe", "lomo"): run(3.0)}]
+    assert against_adamw(rounds, ["adamw", "lomo"], ["recipe"]) == [
+        "- recipe step time vs `adamw` (median of the rounds' ratios; each round's): `lomo` 0.62 (0.50, 0.75)"]
+    assert against_adamw(rounds, ["lomo"], ["recipe"]) == []  # no AdamW run: nothing to compare against
