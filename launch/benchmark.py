@@ -45,12 +45,6 @@ TRAINER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "grokadamw": 
                  "schedule_free_sgd": "schedule_free_sgd", "galore": "galore_adamw", "apollo": "apollo_adamw",
                  "apollo_mini": "apollo_adamw", "adamw_8bit": "adamw_bnb_8bit", "stable_adamw": "stable_adamw"}
 FIRST_SEVEN = tuple(TRAINER_OPTIM)[:7]  # the default set; the memory savers by name (--optimizers)
-# What else the Trainer needs to build the recipe's optimizer: the low-rank recipes' default targets (every linear
-# layer of the decoder blocks) and APOLLO-Mini's preset, as the Transformers docs give it.
-LOW_RANK_TARGETS = {"optim_target_modules": ["self_attn", "mlp"]}
-TRAINER_EXTRA = {"galore": LOW_RANK_TARGETS, "apollo": LOW_RANK_TARGETS,
-                 "apollo_mini": {**LOW_RANK_TARGETS,
-                                 "optim_args": "proj=random,rank=1,scale=128,scale_type=tensor,update_proj_gap=200"}}
 PROFILED_STEP = 2  # the step the recipe's --profile_memory measures; the other harnesses measure the same one
 TARGETS = {"recipe/bare time": 1.03, "recipe/bare peak": 1.05, "recipe/trainer time": 1.00}
 # compared step times: the LOMO-family recipe against the optimizer with the same state it stands in for
@@ -197,11 +191,24 @@ def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
     return {"total": measured["peak_bytes"], **measured["at_peak"]}
 
 
+def trainer_extra(recipe) -> dict:
+    """What else the Trainer needs to build the recipe's optimizer, read from the recipe: a low-rank recipe's default
+    targets (every linear layer of the decoder blocks), and for APOLLO's its rank, scale and scale type (APOLLO-Mini's
+    preset differs from the Trainer's defaults)."""
+    if not hasattr(recipe, "default_rank"):
+        return {}
+    extra = {"optim_target_modules": ["self_attn", "mlp"]}
+    if hasattr(recipe, "default_scale_type"):
+        extra["optim_args"] = (f"rank={recipe.default_rank},scale={recipe.default_scale:g},"
+                               f"scale_type={recipe.default_scale_type}")
+    return extra
+
+
 def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    _, _, config = recipe_and_config(name, args, output_dir)
+    recipe, _, config = recipe_and_config(name, args, output_dir)
     t = config.train
     profile, tracker = {}, []
 
@@ -226,7 +233,7 @@ def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
         per_device_train_batch_size=args.per_device_train_batch_size, max_steps=args.total_steps, logging_steps=10,
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
         seed=t.seed, use_cpu=not torch.cuda.is_available(), torch_compile=args.compile,
-        **TRAINER_EXTRA.get(name, {}))
+        **trainer_extra(recipe))
     Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b, "labels": b} for b in blocks],
             callbacks=[Clock()]).train()
     return profile

@@ -77,7 +77,7 @@ def test_loss_cost_times_both_losses_on_both_batches(tmp_path):
 
 
 def test_trainer_harness_builds_the_memory_savers_optimizer_as_the_recipe_does(tmp_path):
-    # APOLLO-Mini needs the Trainer's target modules and its rank-1 preset (TRAINER_EXTRA): without them the Trainer
+    # APOLLO-Mini needs the Trainer's target modules and its rank-1 preset (trainer_extra): without them the Trainer
     # refuses or builds a different optimizer, and the comparison would time something else.
     out = tmp_path / "bench"
     report = run_benchmark(out, "--optimizers", "apollo_mini", "--harnesses", "recipe,trainer",
