@@ -246,7 +246,11 @@ class FusedBackwardRecipe(OptimizerRecipe):
             optimizer.dp_rank = rank  # read by AdaLomo's ZeRO-3 update, never set by lomo-optim 0.1.1
             return optimizer
         average_gradients_across_processes(model)  # before the optimizer: its hooks must see averaged gradients
-        return self.build_fused(model, config)
+        # on its training device first: AdaLomo allocates its state beside the weights (measured on an H200: built
+        # before accelerate moved the model, the state stayed on the CPU and the first update failed)
+        from accelerate.state import PartialState
+
+        return self.build_fused(model.to(PartialState().device), config)
 
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         return largest_numel(shapes) * element_bytes  # one parameter's gradient at a time
