@@ -7,6 +7,8 @@ trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm clipping (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
 Refuses: nothing. Memory: parameters + gradients + 2 fp32 moments per parameter.
+Under ZeRO-3 optimizer offload torch's AdamW steps on the CPU, not DeepSpeed's faster CPU Adam, whose offload
+checkpoints do not resume exactly (docs/distributed.md).
 """
 
 import torch
@@ -20,7 +22,6 @@ class AdamWRecipe(OptimizerRecipe):
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
-    same_update_as_deepspeed_cpu_adam = True  # torch AdamW -> DeepSpeedCPUAdam(adamw_mode) with its groups' betas/eps
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(2 * numel(s) * element_bytes + 4 for s in shapes)  # exp_avg, exp_avg_sq, fp32 step

@@ -19,10 +19,12 @@ import schedulefree
 from recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
+from recipes.core.schedule_free_fixes import FirstStepInAnyMode
 
 
-class AdamWScheduleFree(CountersAdvanceOncePerStep, schedulefree.AdamWScheduleFree):
-    """schedulefree.AdamWScheduleFree, its counters advancing once per step under ZeRO-3 as well."""
+class AdamWScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefree.AdamWScheduleFree):
+    """schedulefree.AdamWScheduleFree, its counters advancing once per step under ZeRO-3 as well, its
+    first step allowed in either mode (FSDP2 resumes)."""
 
 
 class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):

@@ -161,19 +161,50 @@ def real_model_runs(tmp_path_factory, real_model):
     return {"chunked": run("true"), "whole": run("false")}
 
 
-# The steps of the distributed tests' runs and of their 1-process references
-STEPS = ["--max_steps", "8", "--logging_steps", "1"]
+# The runs of the distributed, compile and resume tests and their 1-process references: 14 steps of a global batch
+# of 32 (9 steps an epoch on the embedded corpus, so a run crosses an epoch boundary), a checkpoint at step 7 that
+# the resume tests continue from; the low-rank projections are refreshed every 5 steps (at steps 0, 5, 10: the
+# resumed half goes on with the checkpoint's projection, then draws the next one; APOLLO from the seed it kept).
+STEPS = ["--max_steps", "14", "--logging_steps", "1", "--save_steps", "7"]
+GLOBAL_BATCH = 32
+REFRESH = {"galore": ["--galore_update_interval", "5"], "apollo": ["--apollo_update_interval", "5"],
+           "apollo_mini": ["--apollo_update_interval", "5"]}
+
+
+def run_flags(recipe: str, processes: int = 1) -> list[str]:
+    """The shared run's flags for `processes` processes (the same global batch)."""
+    return [*STEPS, *REFRESH.get(recipe, []), "--per_device_train_batch_size", str(GLOBAL_BATCH // processes)]
 
 
 @pytest.fixture(scope="session")
 def one_process_runs(tmp_path_factory):
-    """The 1-process reference run of a recipe (global batch 8), run once per test session, in-process (one thread,
-    as a launched process: the same numbers); the 2-process and compiled runs are held against it."""
+    """The 1-process run of a recipe (`run_flags`), run once per test session, in-process (one thread, as a
+    launched process: the same numbers); the 2-process, compiled and resumed runs are held against it."""
     def run(recipe: str):
         return shared_output(tmp_path_factory, f"one-process-{recipe}", lambda out: run_here(
-            recipe, *STEPS, "--per_device_train_batch_size", "8", "--output_dir", str(out)))
+            recipe, *run_flags(recipe), "--output_dir", str(out)))
 
     return run
+
+
+def launch_in_turn(config: str, runs: list[dict], log: Path, env: dict | None = None,
+                   timeout: int = 900) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file <config> tests/run_in_turn.py`: several runs (`{"recipe", "args"}`) one after
+    another in one launch; the launch's output goes to `log` (and is returned), each run's part after its marker."""
+    runs_file = log.with_suffix(".runs.json")
+    runs_file.write_text(json.dumps(runs, indent=1))
+    config_file = CONFIGS / config if not Path(config).is_absolute() else Path(config)
+    port = ["--main_process_port", str(free_port())] if "num_processes: 1" not in config_file.read_text() else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *port,
+           str(REPO / "tests" / "run_in_turn.py"), str(runs_file)]
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def assert_launch_ran(proc: subprocess.CompletedProcess, log: Path) -> None:
+    assert proc.returncode == 0, f"the launch failed (its log: {log})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 def assert_same_weights(out: Path, reference: Path, tolerance: float = 1e-4) -> None:

@@ -10,7 +10,9 @@ from recipes.adamw import RECIPE as ADAMW
 from recipes.core import torch_compile
 from recipes.core.attention import model_problem
 from recipes.core.config import ConfigError, parse_config
-from tests.conftest import STEPS, assert_same_weights, launch, results, train_losses
+from tests.conftest import (assert_same_weights, launch, launch_in_turn, results, run_flags, shared_output,
+                            train_losses)
+from tests.run_in_turn import outputs_of_each_run
 
 
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused(monkeypatch, tmp_path):
@@ -61,25 +63,47 @@ def test_compiling_under_zero3_is_refused_with_the_configs_that_compile(monkeypa
 
 
 # One recipe of each family, each under a setup it compiles in, against the same eager 1-process run (global batch
-# 8): a plain optimizer step (adamw; under FSDP2 too, which gathers each block's shards around its compiled
+# 32): a plain optimizer step (adamw; under FSDP2 too, which gathers each block's shards around its compiled
 # forward); schedule-free's train/eval modes, here with gradient checkpointing recomputing through the compiled
 # blocks; LOMO's fused update in gradient hooks outside the graph, beside DDP's; GrokAdamW's gradient EMA; GaLore's
 # SVD of each compiled block's gradients (the low-rank family: apollo, apollo_mini); 8-bit AdamW's quantized state.
-COMPILED = [("adamw", "cpu.yaml", ()), ("schedule_free_adamw", "cpu.yaml", ("--gradient_checkpointing", "true")),
-            ("lomo", "multi_gpu.yaml", ()), ("adamw", "fsdp2.yaml", ()), ("grokadamw", "cpu.yaml", ()),
-            ("galore", "cpu.yaml", ()), ("adamw_8bit", "cpu.yaml", ())]
+# The one-process runs share one launch (tests/run_in_turn.py): inductor compiles the blocks' graph once for them.
+ONE_PROCESS = [("adamw", ()), ("schedule_free_adamw", ("--gradient_checkpointing", "true")), ("grokadamw", ()),
+               ("galore", ()), ("adamw_8bit", ())]
+TWO_PROCESSES = [("lomo", "multi_gpu.yaml"), ("adamw", "fsdp2.yaml")]
 
 
-@pytest.mark.parametrize("recipe, config, flags", COMPILED)
-def test_a_compiled_run_trains_as_the_eager_one(recipe, config, flags, tmp_path, one_process_runs):
-    processes = 1 if config == "cpu.yaml" else 2
+@pytest.fixture(scope="module")
+def compiled_in_turn(tmp_path_factory):
+    def produce(out):
+        launch_in_turn("cpu.yaml", [{"recipe": recipe, "args": [*run_flags(recipe), "--torch_compile", "true", *flags,
+                                                                "--output_dir", str(out / recipe)]}
+                                    for recipe, flags in ONE_PROCESS], out / "launch.log")
+
+    return shared_output(tmp_path_factory, "compiled-one-process", produce)
+
+
+@pytest.mark.parametrize("recipe, flags", ONE_PROCESS)
+def test_a_compiled_run_trains_as_the_eager_one(recipe, flags, compiled_in_turn, one_process_runs):
+    log = (compiled_in_turn / "launch.log").read_text()
+    assert log.splitlines()[1] == "exit 0", log[-6000:]
+    index = [r for r, _ in ONE_PROCESS].index(recipe)
+    stdout, stderr = log.split("\n--- stderr\n")
+    assert_trains_as_the_eager_one(compiled_in_turn / recipe, outputs_of_each_run(stdout)[index],
+                                   outputs_of_each_run(stderr)[index], one_process_runs(recipe), processes=1)
+
+
+@pytest.mark.parametrize("recipe, config", TWO_PROCESSES)
+def test_a_compiled_two_process_run_trains_as_the_eager_one(recipe, config, tmp_path, one_process_runs):
     out = tmp_path / "compiled"
-    proc = launch(recipe, *STEPS, "--per_device_train_batch_size", str(8 // processes), "--torch_compile", "true",
-                  *flags, "--output_dir", str(out), config=config,
-                  env={"ACCELERATE_USE_CPU": "1"} if processes > 1 else None)
-    reference = one_process_runs(recipe)
-    assert "compile: 2 LlamaDecoderLayer blocks with torch.compile" in proc.stdout
-    assert "recompile_limit" not in proc.stderr  # no frame fell back to eager
+    proc = launch(recipe, *run_flags(recipe, 2), "--torch_compile", "true", "--output_dir", str(out), config=config,
+                  env={"ACCELERATE_USE_CPU": "1"})
+    assert_trains_as_the_eager_one(out, proc.stdout, proc.stderr, one_process_runs(recipe), processes=2)
+
+
+def assert_trains_as_the_eager_one(out, stdout: str, stderr: str, reference, processes: int) -> None:
+    assert "compile: 2 LlamaDecoderLayer blocks with torch.compile" in stdout
+    assert "recompile_limit" not in stderr  # no frame fell back to eager
     done = results(out)
     assert done["num_processes"] == processes
     assert done["compiled_graphs"] >= 2  # at least a training and an evaluation graph were built and ran

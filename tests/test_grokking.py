@@ -98,10 +98,15 @@ def test_quick_comparison_writes_the_report_the_json_and_the_plot(tmp_path):
     table = [line for line in report.splitlines() if line.startswith("| ") and "optimizer" not in line]
     names = ["adamw (weight decay 1)", "grokadamw (weight decay 1)", "grokadamw (weight decay 1, signal on)"]
     assert [row.split(" | ")[0].strip("| ") for row in table] == names
-    summary = json.loads((out / "results.json").read_text())["summary"]
+    record = json.loads((out / "results.json").read_text())
+    summary, target = record["summary"], record["settings"]["target"]
     assert list(summary) == names
-    for numbers in summary.values():
-        assert all(v is None or isinstance(v, int) for v in numbers["steps_to_train_target"])
+    for run in record["runs"]:  # the first logged step at the target, from the run's own curve (None: never)
+        for curve, key in (("train", "steps_to_train_target"), ("validation", "steps_to_validation_target")):
+            assert run[key] == next((step for step, accuracy in run["curves"][curve] if accuracy >= target), None)
+    for name, numbers in summary.items():
+        assert numbers["steps_to_train_target"] == [r["steps_to_train_target"] for r in record["runs"]
+                                                    if r["setting"] == name]
     assert summary["adamw (weight decay 1)"]["steps_to_train_target"][0] is not None  # half the pairs: it fits them
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert proc.stdout.endswith(report)
@@ -120,3 +125,31 @@ def test_the_committed_comparison_replots_from_its_results(tmp_path):
     with Image.open(out / "accuracy.png") as image:
         assert image.size[0] > 600 and image.size[1] > 300
     assert not (out / "data").exists()  # nothing was trained
+
+
+def test_grokadamw_moments_are_torchs_optimizer_state():
+    """grokadamw 0.1.2 keeps its moments outside `Optimizer.state`: torch's distributed checkpointing (FSDP2) then
+    "initializes" the state with a zero-gradient step at each save, which decays the moments. The fix keeps them in
+    `Optimizer.state`, where that step is skipped and state_dict() holds them by parameter index."""
+    from grokadamw import GrokAdamW
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    from recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
+
+    def after_a_step_and_a_checkpoint_init(optimizer_class):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3))
+        optimizer = optimizer_class([weight], lr=1e-2)
+        weight.grad = torch.randn(4, 3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        moment = next(iter(optimizer.param_groups[0]["state"].values()))["exp_avg"].clone()
+        _init_optim_state(optimizer)  # what get_optimizer_state_dict runs before saving
+        return optimizer, moment, next(iter(optimizer.param_groups[0]["state"].values()))["exp_avg"]
+
+    upstream, before, after = after_a_step_and_a_checkpoint_init(GrokAdamW)
+    assert not upstream.state and not torch.equal(before, after)  # upstream: decayed by a step nobody took
+    fixed, before, after = after_a_step_and_a_checkpoint_init(GrokAdamWWithCheckpointableState)
+    assert torch.equal(before, after) and fixed.state[fixed.param_groups[0]["params"][0]]["step"] == 1
+    saved = fixed.state_dict()
+    assert torch.equal(saved["state"][0]["exp_avg"], before) and "state" not in saved["param_groups"][0]

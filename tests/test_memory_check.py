@@ -93,7 +93,8 @@ def llama_7b_config_only(tmp_path_factory):
 def test_a_7b_model_on_this_machine_is_refused_for_all_but_lomo_and_adalomo(recipe, llama_7b_config_only, tmp_path):
     """The LOMO paper's setting on a 24 GiB machine (22.9 GiB available, stated): only the fused updates fit (the
     memory savers keep every gradient: 12.6 GiB in bf16 beside the 12.6 GiB of weights). Sharding is offered
-    through a config file the recipe accepts: FSDP2 for GaLore, none for APOLLO and 8-bit AdamW (they refuse both)."""
+    through a config file the recipe accepts: FSDP2 for StableAdamW and GrokAdamW, none for GaLore, APOLLO and 8-bit AdamW
+    (they refuse both)."""
     proc = run_here(recipe, "--model_name_or_path", str(llama_7b_config_only), "--dtype", "bfloat16",
                     "--gradient_checkpointing", "true", "--per_device_train_batch_size", "1", "--block_size", "256",
                     "--memory_budget_gib", "22.9", "--output_dir", str(tmp_path / "out"), check=False)
@@ -101,7 +102,7 @@ def test_a_7b_model_on_this_machine_is_refused_for_all_but_lomo_and_adalomo(reci
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"{recipe}: error: this run needs about ")
     assert "lomo (" in line and "adalomo (" in line and "fit" in line
-    sharding = {"galore": "fsdp2.yaml", "stable_adamw": "fsdp2.yaml", "grokadamw": "fsdp2.yaml", "adafactor": None,
+    sharding = {"galore": None, "stable_adamw": "fsdp2.yaml", "grokadamw": "fsdp2.yaml", "adafactor": None,
                 "apollo": None, "apollo_mini": None, "adamw_8bit": None}.get(recipe, "zero3.yaml")
     assert (f"shard it: accelerate_configs/{sharding} over" in line) if sharding else ("shard it" not in line)
 

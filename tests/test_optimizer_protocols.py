@@ -111,3 +111,26 @@ def test_schedule_free_stepped_per_sub_group_as_zero3_does_equals_one_step(optim
         assert {k: group[k] for k in GROUP_COUNTERS} == {k: expected[k] for k in GROUP_COUNTERS}
     for p, q in zip(plain_params, zero_params):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_a_stateless_schedule_free_optimizer_takes_the_checkpoint_loaders_zero_step():
+    """torch's distributed checkpoint (FSDP2 resume) steps an empty optimizer once with zero gradients at lr 0 before
+    loading into it. Upstream schedule-free refuses it in eval mode, where a fresh optimizer is; the fix lets a
+    stateless optimizer take it (weights unchanged, mode kept), and applies upstream's check once there is state."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    def fresh(optimizer_class):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3))
+        return weight, optimizer_class([weight], lr=1e-2)
+
+    weight, upstream = fresh(schedulefree.AdamWScheduleFree)
+    with pytest.raises(Exception, match="not in train mode"):
+        _init_optim_state(upstream)
+    weight, fixed = fresh(AdamWScheduleFree)
+    before = weight.detach().clone()
+    _init_optim_state(fixed)
+    assert torch.equal(weight, before) and fixed.state and not fixed.param_groups[0]["train_mode"]
+    weight.grad = torch.ones_like(weight)
+    with pytest.raises(Exception, match="not in train mode"):  # with state, stepping in eval mode is still refused
+        fixed.step()

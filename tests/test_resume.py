@@ -17,16 +17,11 @@ from safetensors.torch import load_file
 
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from tests.conftest import CONFIGS, REPO, launch, offline_env, read_metrics, results, run_here, shared_output, smoke
+from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, results, run_flags, run_here,
+                            shared_output, smoke)
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 RECIPES = {r.name: r for r in all_recipes()}
-# batch 32 gives 9 optimizer steps per epoch on the embedded corpus: the resumed part crosses an epoch boundary
-RUN = ["--per_device_train_batch_size", "32", "--max_steps", "14", "--logging_steps", "1"]
-# The low-rank projections are refreshed every 5 steps here (at steps 0, 5, 10): the resumed part, from step 7, goes
-# on with the checkpoint's projection and then draws the next one (APOLLO: from the seed the checkpoint kept).
-REFRESH = {"galore": ["--galore_update_interval", "5"], "apollo": ["--apollo_update_interval", "5"],
-           "apollo_mini": ["--apollo_update_interval", "5"]}
 
 
 def losses_by_step(output_dir: Path) -> dict[int, float]:
@@ -41,21 +36,21 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", smoke(RECIPE_NAMES, "adamw"))
-def test_resume_is_bit_exact(recipe, tmp_path):
-    """Straight run vs the same run resumed from its step-7 checkpoint: identical losses and final weights.
+def test_resume_is_bit_exact(recipe, tmp_path, one_process_runs):
+    """The shared 1-process run (`run_flags`: 14 steps of 32 sequences, 9 an epoch, a checkpoint at step 7) against
+    the same run resumed from its step-7 checkpoint: identical losses and final weights, across the epoch boundary
+    and (GaLore, APOLLO) a refresh of the projection. 2-process runs resume in tests/test_distributed.py.
 
     CPU math here is deterministic, so equality is exact. Schedule-free saves at x (eval mode) and resumes with
     train(); both runs go through that same switch at step 7, so they stay bit-identical too.
     """
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = [*RUN, *REFRESH.get(recipe, []), "--save_steps", "7"]
-    run_here(recipe, *run, "--output_dir", str(straight))
+    straight, resumed = one_process_runs(recipe), tmp_path / "resumed"
     checkpoint = straight / "checkpoint-7"
     assert checkpoint.is_dir()
     # every file accelerate wrote loads with weights_only=True (no pickled objects)
     for name in ("optimizer.bin", "scheduler.bin"):
         torch.load(checkpoint / name, weights_only=True)
-    run_here(recipe, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint))
+    run_here(recipe, *run_flags(recipe), "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint))
     full, rest = losses_by_step(straight), losses_by_step(resumed)
     assert sorted(rest) == list(range(8, 15))
     assert [rest[s] for s in rest] == [full[s] for s in rest]
@@ -71,8 +66,8 @@ def test_adalomo_and_grokadamw_state_is_in_the_checkpoint(tmp_path):
         if recipe == "adalomo":
             assert state["adalomo"]["step_num"] == 3
             assert all(v.abs().sum() > 0 for v in state["adalomo"]["exp_avg_sq_row"].values())
-        else:
-            moments = [s for g in state["param_groups"] for s in g["state"].values()]
+        else:  # torch's optimizer state, by parameter index (recipes/core/grokadamw_fixes.py)
+            moments = list(state["state"].values())
             assert moments and all(s["step"] == 3 and s["exp_avg"].abs().sum() > 0 for s in moments)
 
 
@@ -268,24 +263,3 @@ def test_a_finished_run_continues_to_more_steps_with_its_schedule_recomputed(tmp
     before, after = (load_file(out / f"checkpoint-{step}" / "model.safetensors") for step in (6, 7))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # step 7 trained at its new lr
     assert results(out)["step"] == 10 and (out / "checkpoint-10").is_dir()
-
-
-@pytest.mark.parametrize("recipe, config", [("adamw", "multi_gpu.yaml"), ("lomo", "multi_gpu.yaml"),
-                                            ("schedule_free_adamw", "multi_gpu.yaml"), ("adalomo", "zero3.yaml"),
-                                            ("apollo", "multi_gpu.yaml")])
-def test_resume_is_bit_exact_with_two_processes(recipe, config, tmp_path):
-    """The same as above with 2 processes (16 sequences each): every rank's RNG, data position and partition come
-    back. AdaLomo under ZeRO-3 runs without a DeepSpeed engine: its checkpoint holds whole parameters and moments.
-    APOLLO's projection seeds too."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    ddp = {"config": config, "env": {"ACCELERATE_USE_CPU": "1"} if config == "multi_gpu.yaml" else {}}
-    run = ["--per_device_train_batch_size", "16", "--max_steps", "14", "--logging_steps", "1", "--save_steps", "7",
-           *REFRESH.get(recipe, [])]
-    launch(recipe, *run, "--output_dir", str(straight), **ddp)
-    assert (straight / "checkpoint-7" / "random_states_1.pkl").is_file()  # one RNG state per rank
-    launch(recipe, *run, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-7"), **ddp)
-    full, rest = losses_by_step(straight), losses_by_step(resumed)
-    assert sorted(rest) == list(range(8, 15))
-    assert [rest[s] for s in rest] == [full[s] for s in rest]
-    assert_same_weights(straight, resumed)
-    assert results(resumed)["replicas_identical"] and results(resumed)["num_processes"] == 2

@@ -100,9 +100,6 @@ class OptimizerRecipe:
     reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
     keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
     gradients_partitioned_by_zero: bool = True  # ZeRO-2/3 keep 1/N of the gradients per process
-    # Under DeepSpeed optimizer offload, accelerate replaces the optimizer with DeepSpeed's CPU Adam (a faster CPU
-    # kernel) unless told not to. True only where that computes this optimizer's update.
-    same_update_as_deepspeed_cpu_adam: bool = False
     # Settings from the optimizer's source that launch/finetune_comparison.py runs beside the sweep:
     # (what they are, learning rate, extra flags)
     source_settings: tuple[tuple[str, float, tuple[str, ...]], ...] = ()

@@ -165,8 +165,10 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
     if accelerator.state.deepspeed_plugin is not None:
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
         deepspeed_config["gradient_clipping"] = t.max_grad_norm  # DeepSpeed clips inside its step
-        # With optimizer offload, accelerate swaps any optimizer for DeepSpeed's CPU Adam unless this is False
-        deepspeed_config["zero_force_ds_cpu_optimizer"] = recipe.same_update_as_deepspeed_cpu_adam
+        # With optimizer offload, accelerate swaps any optimizer for DeepSpeed's CPU Adam unless this is False: the
+        # recipe's own optimizer steps (for AdamW too: CPU Adam's offload checkpoints do not resume exactly,
+        # docs/distributed.md)
+        deepspeed_config["zero_force_ds_cpu_optimizer"] = False
     return accelerator
 
 
