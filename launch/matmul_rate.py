@@ -5,7 +5,7 @@
 
 Every (size, dtype) gets its operands and one warm-up call first; then rounds interleave the dtypes (fp32, bf16,
 fp32, bf16, ...), one timed call each. The table gives the median GFLOP/s over rounds and the median of each round's
-bf16 / fp32 ratio (the machine may be shared: a round's ratio is what to trust). Recipes measure the 2048^3 case at
+bf16 / fp32 ratio (the machine may be shared: a round's ratio is what to trust). Recipes measure the 1024^3 case at
 start-up in their compute dtype (recipes/core/throughput.py) and log MFU against it.
 """
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -147,13 +148,17 @@ def real_model(tmp_path_factory) -> Path:
     return shared_output(tmp_path_factory, "real-model", convert) / "model"
 
 
+REAL_MODEL_BLOCK = 512  # tokens per row of the real-model runs: one row's logits (49,152 words) set the step's peak
+
+
 @pytest.fixture(scope="session")
 def real_model_runs(tmp_path_factory, real_model):
     """LOMO on the real model, 1 x 512 tokens, --profile_memory, with the chunked loss and without (the memory tests
     of the loss and of the estimator share them)."""
     def run(chunked: str):
         def produce(out):
-            run_here("lomo", "--model_name_or_path", str(real_model), "--block_size", "512", "--max_steps", "2",
+            run_here("lomo", "--model_name_or_path", str(real_model), "--block_size", str(REAL_MODEL_BLOCK),
+                     "--max_steps", "2",
                      "--per_device_train_batch_size", "1", "--save_steps", "0", "--profile_memory", "true",
                      "--chunked_loss", chunked, "--output_dir", str(out / "run"))
         return shared_output(tmp_path_factory, f"real-lomo-chunked-{chunked}", produce) / "run"
@@ -187,10 +192,97 @@ def one_process_runs(tmp_path_factory):
     return run
 
 
+# --- the suite's 2-process runs: one launch per accelerate config file --------------------------------------------
+# Starting processes is what a launched test pays for (8-20 s a launch, a run about a second), so every 2-process
+# run of the suite under one of the distributed config files is made in that file's one launch, each run in turn
+# (tests/run_in_turn.py), and read by its tests from its own folder. Test modules register their runs at import
+# (`two_process_run`); a run registered with `resumed=True` is also resumed from its step-7 checkpoint in a second
+# launch (new processes, as a resumed job gets).
+TWO_PROCESS_RUNS: dict[str, dict[str, dict]] = {}
+
+
+def two_process_run(config: str, name: str, recipe: str, args: Callable[[dict], list[str]],
+                    resumed: bool = False) -> None:
+    """Register a run of `recipe` under `config` (2 processes), its flags `args(shared_data)` (no --output_dir)."""
+    TWO_PROCESS_RUNS.setdefault(config, {})[name] = {"recipe": recipe, "args": args, "resumed": resumed}
+
+
+def cpu_env(config: str) -> dict:
+    """On a CPU-only machine DDP and FSDP need ACCELERATE_USE_CPU=1 to start real processes over gloo (DeepSpeed
+    picks its CPU accelerator itself; the loop names gloo for it)."""
+    from recipes.core.compatibility import launch_setup
+
+    return {"ACCELERATE_USE_CPU": "1"} if launch_setup(config).kind in ("ddp", "fsdp") else {}
+
+
+def uneven_answers(count: int, seed: int) -> list[dict]:
+    """Chat rows whose answers are one word or 24-40 words, in random order."""
+    from recipes.core.embedded import _NAMES, _PLACES, _VERBS, generate_corpus
+
+    rng = random.Random(seed)
+    words = " ".join(generate_corpus(50, seed)).replace(".", "").replace(",", "").split()
+    rows = []
+    for _ in range(count):
+        length = 1 if rng.random() < 0.5 else rng.randint(24, 40)
+        question = f"where does {rng.choice(_NAMES)} {rng.choice(_VERBS).removesuffix('s')} near {rng.choice(_PLACES)}?"
+        answer = " ".join(rng.choice(words) for _ in range(length))
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory) -> dict[str, Path]:
+    """Data files several tests train on (in-process and in the shared launches), written once per session: chat
+    rows whose answers are one word or 24-40 words (the token-mean tests), and chat and Alpaca instruction files."""
+    from recipes.core.embedded import alpaca_examples, chat_conversations
+
+    def write(out: Path) -> None:
+        (out / "uneven_chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uneven_answers(80, seed=3)))
+        (out / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n"
+                                                for m in chat_conversations(400, seed=0)))
+        (out / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca_examples(400, seed=0)))
+
+    out = shared_output(tmp_path_factory, "data", write)
+    return {name: out / f"{name}.jsonl" for name in ("uneven_chat", "chat", "alpaca")}
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory, shared_data):
+    """`runs(config)`: {name: (folder, resumed folder or None)} of every run registered for the config file, with
+    "logs": {"straight": log, "resumed": log}; the launches are made once per session."""
+    def runs(config: str) -> dict:
+        registered = TWO_PROCESS_RUNS[config]
+
+        def produce(out: Path) -> None:
+            launch_in_turn(config, [{"recipe": run["recipe"], "args": [*run["args"](shared_data), "--output_dir",
+                                                                       str(out / name / "straight")]}
+                                    for name, run in registered.items()], out / "straight.log", env=cpu_env(config))
+            launch_in_turn(config, [{"recipe": run["recipe"], "args": [
+                *run["args"](shared_data), "--resume_from_checkpoint", str(out / name / "straight" / "checkpoint-7"),
+                "--output_dir", str(out / name / "resumed")]} for name, run in registered.items() if run["resumed"]],
+                out / "resumed.log", env=cpu_env(config))
+
+        out = shared_output(tmp_path_factory, f"two-process-{config}", produce)
+        return {"logs": {half: out / f"{half}.log" for half in ("straight", "resumed")},
+                **{name: (out / name / "straight", out / name / "resumed" if run["resumed"] else None)
+                   for name, run in registered.items()}}
+
+    return runs
+
+
+def assert_shared_launch_ran(runs: dict, half: str = "straight") -> None:
+    log = runs["logs"][half]
+    text = log.read_text()
+    assert text.splitlines()[1] == "exit 0", f"the shared {half} launch failed ({log}):\n{text[-8000:]}"
+
+
 def launch_in_turn(config: str, runs: list[dict], log: Path, env: dict | None = None,
                    timeout: int = 900) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file <config> tests/run_in_turn.py`: several runs (`{"recipe", "args"}`) one after
     another in one launch; the launch's output goes to `log` (and is returned), each run's part after its marker."""
+    if not runs:
+        log.write_text("nothing to run\nexit 0\n")
+        return subprocess.CompletedProcess([], 0, "", "")
     runs_file = log.with_suffix(".runs.json")
     runs_file.write_text(json.dumps(runs, indent=1))
     config_file = CONFIGS / config if not Path(config).is_absolute() else Path(config)
@@ -202,9 +294,6 @@ def launch_in_turn(config: str, runs: list[dict], log: Path, env: dict | None = 
     log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
 
-
-def assert_launch_ran(proc: subprocess.CompletedProcess, log: Path) -> None:
-    assert proc.returncode == 0, f"the launch failed (its log: {log})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 def assert_same_weights(out: Path, reference: Path, tolerance: float = 1e-4) -> None:
@@ -235,10 +324,10 @@ def deepspeed_ready(request):
 
 @pytest.fixture(scope="session")
 def deepspeed_cpu_ops_built(tmp_path_factory):
-    """DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam) on first use (minutes, cold). Build them
-    once here, before any test launches processes that would race to build them; cached, this takes seconds."""
-    code = ("from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder, CPUAdamBuilder\n"
-            "ShareMemCommBuilder().load(); CPUAdamBuilder().load()")
+    """DeepSpeed JIT-compiles its CPU communication op on first use (28 s cold here). Build it once here, before any
+    test launches processes that would race to build it; cached, this takes seconds. (CPU Adam is not built: no
+    recipe steps with it, docs/distributed.md.)"""
+    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder\nShareMemCommBuilder().load()"
     with FileLock(f"{session_dir(tmp_path_factory) / 'deepspeed-ops'}.lock"):  # one worker builds, the others wait
         proc = subprocess.run([sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True,
                               timeout=900)

@@ -12,40 +12,44 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes.core.config import MODEL_FILES, parse_config
 from recipes.core.data import load_raw_datasets
-from recipes.core.embedded import CHAT_TEMPLATE, alpaca_examples, chat_conversations
+from recipes.core.embedded import CHAT_TEMPLATE
 from recipes.core.loop import evaluate
 from recipes.core.optimizer_recipe import all_recipes
 from recipes.core.run_setup import build_dataloaders
-from tests.conftest import launch, read_metrics, results, run_here, train_losses
+from tests.conftest import assert_shared_launch_ran, read_metrics, results, run_here, train_losses, two_process_run
 
 RECIPES = {r.name: r for r in all_recipes()}
 STEPS = ["--max_steps", "30", "--logging_steps", "5", "--per_device_train_batch_size", "4"]
 
 
 @pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    chat, alpaca = folder / "chat.jsonl", folder / "alpaca.jsonl"
-    chat.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chat_conversations(400, seed=0)))
-    alpaca.write_text("".join(json.dumps(r) + "\n" for r in alpaca_examples(400, seed=0)))
-    return {"chat": chat, "alpaca": alpaca}
+def data_files(shared_data):
+    return {"chat": shared_data["chat"], "alpaca": shared_data["alpaca"]}
+
+
+def instruction_flags(data_file, processes: int) -> list[str]:
+    return ["--dataset_name", str(data_file), *STEPS[:-1], str(4 // processes)]  # a global batch of 4 either way
 
 
 CASES = [("chat", "adalomo", "cpu.yaml"), ("chat", "adalomo", "multi_gpu.yaml"),
          ("alpaca", "adamw", "cpu.yaml"), ("alpaca", "lomo", "multi_gpu.yaml")]
+for _data, _recipe, _config in CASES:  # the 2-process ones run in multi_gpu.yaml's shared launch (tests/conftest.py)
+    if _config != "cpu.yaml":
+        two_process_run(_config, f"instruction-{_data}-{_recipe}", _recipe,
+                        lambda data, name=_data: instruction_flags(data[name], 2))
 
 
 @pytest.mark.parametrize("data, recipe, config", CASES)
 def test_instruction_data_trains_end_to_end_and_the_model_reloads(data, recipe, config, data_files, tmp_path,
-                                                                  fresh_accelerate_state):
-    out = tmp_path / "out"
+                                                                  two_process_runs, fresh_accelerate_state):
     processes = 2 if config == "multi_gpu.yaml" else 1
-    per_device = str(4 // processes)  # the same global batch of 4 either way
-    args = ["--dataset_name", str(data_files[data]), *STEPS[:-1], per_device, "--output_dir", str(out)]
     if processes == 2:
-        launch(recipe, *args, config=config, env={"ACCELERATE_USE_CPU": "1"})
+        runs = two_process_runs(config)
+        assert_shared_launch_ran(runs)
+        out = runs[f"instruction-{data}-{recipe}"][0]
     else:
-        run_here(recipe, *args)
+        out = tmp_path / "out"
+        run_here(recipe, *instruction_flags(data_files[data], 1), "--output_dir", str(out))
 
     resolved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert resolved["num_processes"] == processes, resolved["distributed_type"]

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
 from recipes.core.optimizer_recipe import all_recipes
-from tests.conftest import (CONFIGS, REPO, assert_same_weights, free_port, launch, launch_in_turn, offline_env,
-                            read_metrics, results, run_flags, run_here, shared_output, train_losses)
+from tests.conftest import (CONFIGS, REPO, assert_same_weights, assert_shared_launch_ran, cpu_env, free_port, launch,
+                            offline_env, read_metrics, results, run_flags, run_here, train_losses, two_process_run)
 
 RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]
@@ -51,61 +51,28 @@ SETUP_WORDS = {"multi_gpu.yaml": ("DDP",), "zero2.yaml": ("DeepSpeed ZeRO-2",), 
                "zero3_offload.yaml": ("DeepSpeed ZeRO-3", "ZeRO-3 parameter offload"), "fsdp2.yaml": ("FSDP",)}
 
 
-def cpu_env(config: str) -> dict:
-    """On a CPU-only machine DDP and FSDP need ACCELERATE_USE_CPU=1 to start real processes over gloo (DeepSpeed
-    picks its CPU accelerator itself; the loop names gloo for it)."""
-    return {"ACCELERATE_USE_CPU": "1"} if launch_setup(config).kind in ("ddp", "fsdp") else {}
-
-
 def launch_two_processes(recipe: str, config: str, *args: str, check: bool = True):
     return launch(recipe, *args, config=config, env=cpu_env(config), check=check)
 
 
-@pytest.fixture(scope="session")
-def cell_runs(tmp_path_factory):
-    """Every working cell of a config file as 2 processes: straight (`run_flags`: 14 steps, a checkpoint at step 7)
-    in one launch, every recipe in turn (tests/run_in_turn.py), then each resumed from its step-7 checkpoint in a
-    second launch (fresh processes, as a resumed job gets). Made once per session; {recipe: (straight, resumed)}."""
-    def runs(config: str) -> dict:
-        recipes = [recipe for recipe, c in WORKING if c == config]
-
-        def produce(out: Path) -> None:
-            for half, extra in (("straight", lambda r: []),
-                                ("resumed", lambda r: ["--resume_from_checkpoint", str(out / r / "straight" /
-                                                                                       "checkpoint-7")])):
-                launch_in_turn(config, [{"recipe": r, "args": [*run_flags(r, 2), *extra(r), "--output_dir",
-                                                               str(out / r / half)]} for r in recipes],
-                               out / f"{half}.log", env=cpu_env(config))
-
-        out = shared_output(tmp_path_factory, f"cells-{config}", produce)
-        return {"logs": {half: out / f"{half}.log" for half in ("straight", "resumed")},
-                **{r: (out / r / "straight", out / r / "resumed") for r in recipes}}
-
-    return runs
-
-
-def read_launch(log: Path) -> tuple[int, str]:
-    text = log.read_text()
-    return int(text.splitlines()[1].removeprefix("exit ")), text
-
-
-def assert_cell_launch_ran(runs: dict, half: str) -> None:
-    code, text = read_launch(runs["logs"][half])
-    assert code == 0, f"the {half} launch failed ({runs['logs'][half]}):\n{text[-8000:]}"
+# Every working cell runs in its config file's shared launch (tests/conftest.py: straight, a checkpoint at step 7),
+# then resumed from that checkpoint in a second launch.
+for _recipe, _config in WORKING:
+    two_process_run(_config, _recipe, _recipe, lambda data, recipe=_recipe: run_flags(recipe, 2), resumed=True)
 
 
 def cells(chosen_for_smoke: tuple) -> list:
     """The working cells as parameters, each config file's on one xdist worker (they share its two launches)."""
-    return [pytest.param(*cell, marks=[pytest.mark.xdist_group(f"cells-{cell[1]}")]
+    return [pytest.param(*cell, marks=[pytest.mark.xdist_group(f"launches-{cell[1]}")]
                          + ([pytest.mark.smoke] if cell in chosen_for_smoke else [])) for cell in WORKING]
 
 
 @pytest.mark.parametrize("recipe, config", cells((("lomo", "multi_gpu.yaml"), ("schedule_free_adamw", "multi_gpu.yaml"))))
-def test_working_cell(recipe, config, cell_runs, one_process_runs):
+def test_working_cell(recipe, config, two_process_runs, one_process_runs):
     """Two real processes of the config file's kind: loss falls, replicas identical, the same losses, evaluation and
     saved weights as one process with the same global batch."""
-    runs = cell_runs(config)
-    assert_cell_launch_ran(runs, "straight")
+    runs = two_process_runs(config)
+    assert_shared_launch_ran(runs)
     out, reference = runs[recipe][0], one_process_runs(recipe)
 
     resolved = yaml.safe_load((out / "run_config.yaml").read_text())
@@ -125,13 +92,13 @@ def test_working_cell(recipe, config, cell_runs, one_process_runs):
 
 
 @pytest.mark.parametrize("recipe, config", cells((("lomo", "multi_gpu.yaml"),)))
-def test_working_cell_resumes_bit_exactly(recipe, config, cell_runs):
+def test_working_cell_resumes_bit_exactly(recipe, config, two_process_runs):
     """Resumed from the step-7 checkpoint in new processes, the 2-process run continues exactly as it went: every
     rank's RNG, data position (across the epoch boundary at step 9), partition and optimizer state come back
     (AdaLomo under ZeRO-3 without a DeepSpeed engine, GaLore's and APOLLO's projections and seeds too)."""
-    runs = cell_runs(config)
-    assert_cell_launch_ran(runs, "straight")
-    assert_cell_launch_ran(runs, "resumed")
+    runs = two_process_runs(config)
+    assert_shared_launch_ran(runs, "straight")
+    assert_shared_launch_ran(runs, "resumed")
     straight, resumed = runs[recipe]
     assert (straight / "checkpoint-7" / "random_states_1.pkl").is_file()  # one RNG state per rank
     full, rest = losses_by_step(straight), losses_by_step(resumed)
@@ -212,14 +179,19 @@ def test_readme_holds_the_generated_compatibility_table():
     assert markdown_table() in (REPO / "README.md").read_text()
 
 
+ACCUMULATION_AND_CLIPPING = ["--max_steps", "6", "--logging_steps", "1", "--max_grad_norm", "0.05"]
+for _config in ("zero2.yaml", "zero3.yaml"):
+    two_process_run(_config, "accumulation-and-clipping", "adamw", lambda data: [
+        *ACCUMULATION_AND_CLIPPING, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"])
+
+
 @pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
-def test_deepspeed_follows_the_accumulation_and_clipping_flags(config, tmp_path):
+def test_deepspeed_follows_the_accumulation_and_clipping_flags(config, tmp_path, two_process_runs):
     """The DeepSpeed files pin neither value, so the run's flags reach DeepSpeed's engine (it clips in its step)."""
-    flags = ["--max_steps", "6", "--logging_steps", "1", "--max_grad_norm", "0.05"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch_two_processes("adamw", config, *flags, "--per_device_train_batch_size", "2",
-                         "--gradient_accumulation_steps", "2", "--output_dir", str(two))
-    run_here("adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
+    runs = two_process_runs(config)
+    assert_shared_launch_ran(runs)
+    two, one = runs["accumulation-and-clipping"][0], tmp_path / "one"
+    run_here("adamw", *ACCUMULATION_AND_CLIPPING, "--per_device_train_batch_size", "8", "--output_dir", str(one))
     assert yaml.safe_load((two / "run_config.yaml").read_text())["num_processes"] == 2
     assert train_losses(two) == pytest.approx(train_losses(one), rel=TOLERANCE)
 
@@ -239,14 +211,18 @@ def test_lomo_global_norm_clipping_under_zero3_is_refused_with_the_alternative(t
     assert "--clip_grad_value" in err and not (tmp_path / "out").exists()
 
 
-def test_schedule_free_evaluates_and_saves_x_in_the_16bit_weights_under_zero3(tmp_path):
+SCHEDULE_FREE_BF16 = ["--max_steps", "8", "--logging_steps", "1", "--eval_steps", "4", "--bf16", "true"]
+two_process_run("zero3.yaml", "schedule-free-bf16", "schedule_free_adamw",
+                lambda data: [*SCHEDULE_FREE_BF16, "--per_device_train_batch_size", "4"])
+
+
+def test_schedule_free_evaluates_and_saves_x_in_the_16bit_weights_under_zero3(tmp_path, two_process_runs):
     """With bf16, ZeRO-3 trains bf16 module weights from fp32 master partitions: after eval() the bf16 copy must be
     x too. Measured: 1-process vs ZeRO-3 eval losses differ by 3e-4 relative; evaluating y instead differs by 6e-3."""
-    flags = ["--max_steps", "8", "--logging_steps", "1", "--eval_steps", "4", "--bf16", "true"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch_two_processes("schedule_free_adamw", "zero3.yaml", *flags, "--per_device_train_batch_size", "4",
-                         "--output_dir", str(two))
-    run_here("schedule_free_adamw", *flags, "--per_device_train_batch_size", "8", "--output_dir", str(one))
+    runs = two_process_runs("zero3.yaml")
+    assert_shared_launch_ran(runs)
+    two, one = runs["schedule-free-bf16"][0], tmp_path / "one"
+    run_here("schedule_free_adamw", *SCHEDULE_FREE_BF16, "--per_device_train_batch_size", "8", "--output_dir", str(one))
     evals = [[r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r] for run in (two, one)]
     assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], rel=1e-3)
     saved = AutoModelForCausalLM.from_pretrained(two, dtype="auto")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from recipes.core.embedded import write_scaled_model
 from recipes.core.optimizer_recipe import RECIPE_NAMES, FusedBackwardRecipe, all_recipes
-from tests.conftest import REPO, offline_env, read_metrics, run_here, shared_output
+from tests.conftest import REAL_MODEL_BLOCK, REPO, offline_env, read_metrics, run_here, shared_output
 
 # A second size where hidden >= 256, so factored moments are small next to the matrices they describe.
 MEDIUM = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -156,7 +156,7 @@ def test_estimate_agrees_with_the_real_models_whole_run_peak(real_model_runs, re
     validation_rows = yaml.safe_load((real_model_runs[loss] / "run_config.yaml").read_text())["data_summary"][
         "splits"]["validation"]["rows"]  # the first evaluation batch: min(8, rows)
     lomo = next(r for r in all_recipes() if r.name == "lomo")
-    estimated = estimate(lomo, meta_model(str(real_model)), "fp32", 1, 512, eval_batch=min(8, validation_rows),
-                         chunked_loss=loss == "chunked")
+    estimated = estimate(lomo, meta_model(str(real_model)), "fp32", 1, REAL_MODEL_BLOCK,
+                         eval_batch=min(8, validation_rows), chunked_loss=loss == "chunked")
     assert estimated.total == pytest.approx(measured["run_peak_bytes"], rel=0.10)
     assert estimated.evaluation == pytest.approx(measured["evaluation"]["peak_bytes"], rel=0.10)

@@ -8,58 +8,47 @@ in different weights (measured before this loss: 0.90 and 0.35 of what training 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from recipes.core.embedded import _NAMES, _PLACES, _VERBS, generate_corpus
 from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss
-from tests.conftest import assert_same_weights, launch, read_metrics, results, run_here, shared_output, train_losses
+from tests.conftest import (REAL_MODEL_BLOCK, assert_same_weights, assert_shared_launch_ran, read_metrics, results,
+                            run_here, train_losses, two_process_run)
 
 # 8 steps of 4 rows at a constant lr, one example per row
 FLAGS = ["--max_steps", "8", "--logging_steps", "1", "--lr_scheduler_type", "constant", "--packing", "false",
          "--save_steps", "0"]
 
 
-def uneven_answers(count: int, seed: int) -> list[dict]:
-    """Chat rows whose answers are one word or 24-40 words, in random order."""
-    rng = random.Random(seed)
-    words = " ".join(generate_corpus(50, seed)).replace(".", "").replace(",", "").split()
-    rows = []
-    for _ in range(count):
-        length = 1 if rng.random() < 0.5 else rng.randint(24, 40)
-        question = f"where does {rng.choice(_NAMES)} {rng.choice(_VERBS).removesuffix('s')} near {rng.choice(_PLACES)}?"
-        answer = " ".join(rng.choice(words) for _ in range(length))
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
-    return rows
+def token_mean_flags(data: dict, per_device: int, accumulation: int = 1) -> list[str]:
+    return ["--dataset_name", str(data["uneven_chat"]), *FLAGS, "--per_device_train_batch_size", str(per_device),
+            "--gradient_accumulation_steps", str(accumulation)]
 
 
-@pytest.fixture(scope="module")
-def uneven_chat(tmp_path_factory):
-    def write(out):
-        (out / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uneven_answers(80, seed=3)))
+# The 2-process runs, made in their config file's shared launch (tests/conftest.py): a step of 4 rows split over
+# 2 processes x 2 (DDP) and over 2 processes x 1 x 2 accumulated (ZeRO-2); LOMO and AdaLomo over 2 processes x 2.
+two_process_run("multi_gpu.yaml", "token-mean-adamw", "adamw", lambda data: token_mean_flags(data, 2))
+two_process_run("zero2.yaml", "token-mean-adamw", "adamw", lambda data: token_mean_flags(data, 1, accumulation=2))
+for _fused in ("lomo", "adalomo"):
+    two_process_run("multi_gpu.yaml", f"token-mean-{_fused}", _fused, lambda data: token_mean_flags(data, 2))
 
-    return shared_output(tmp_path_factory, "uneven-chat", write) / "chat.jsonl"
 
-
-def two_processes(recipe: str, config: str, out, *args: str):
-    env = {"ACCELERATE_USE_CPU": "1"} if config == "multi_gpu.yaml" else {}
-    launch(recipe, *args, "--output_dir", str(out), config=config, env=env)
+def two_processes(runs: dict, name: str):
+    assert_shared_launch_ran(runs)
+    out = runs[name][0]
     assert yaml.safe_load((out / "run_config.yaml").read_text())["num_processes"] == 2
+    return out
 
 
-def test_adamw_ends_with_the_same_weights_however_a_step_is_split(uneven_chat, tmp_path):
-    data = ["--dataset_name", str(uneven_chat), *FLAGS]
-    whole, accumulated, ddp, zero2 = (tmp_path / name for name in ("whole", "accumulated", "ddp", "zero2"))
-    run_here("adamw", *data, "--per_device_train_batch_size", "4", "--output_dir", str(whole))
-    run_here("adamw", *data, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
-             "--output_dir", str(accumulated))
-    two_processes("adamw", "multi_gpu.yaml", ddp, *data, "--per_device_train_batch_size", "2")
-    two_processes("adamw", "zero2.yaml", zero2, *data, "--per_device_train_batch_size", "1",
-                  "--gradient_accumulation_steps", "2")
+def test_adamw_ends_with_the_same_weights_however_a_step_is_split(shared_data, two_process_runs, tmp_path):
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    run_here("adamw", *token_mean_flags(shared_data, 4), "--output_dir", str(whole))
+    run_here("adamw", *token_mean_flags(shared_data, 1, accumulation=4), "--output_dir", str(accumulated))
+    ddp = two_processes(two_process_runs("multi_gpu.yaml"), "token-mean-adamw")
+    zero2 = two_processes(two_process_runs("zero2.yaml"), "token-mean-adamw")
 
     train = yaml.safe_load((whole / "run_config.yaml").read_text())["data_summary"]["splits"]["train"]
     assert 0.1 < train["trained_tokens"] / train["tokens"] < 0.9  # answers only: the prompts are in, not trained
@@ -70,11 +59,10 @@ def test_adamw_ends_with_the_same_weights_however_a_step_is_split(uneven_chat, t
 
 
 @pytest.mark.parametrize("recipe", ["lomo", "adalomo"])
-def test_fused_updates_use_the_same_token_mean_across_processes(recipe, uneven_chat, tmp_path):
-    data = ["--dataset_name", str(uneven_chat), *FLAGS]
-    one, ddp = tmp_path / "one", tmp_path / "ddp"
-    run_here(recipe, *data, "--per_device_train_batch_size", "4", "--output_dir", str(one))
-    two_processes(recipe, "multi_gpu.yaml", ddp, *data, "--per_device_train_batch_size", "2")
+def test_fused_updates_use_the_same_token_mean_across_processes(recipe, shared_data, two_process_runs, tmp_path):
+    one = tmp_path / "one"
+    run_here(recipe, *token_mean_flags(shared_data, 4), "--output_dir", str(one))
+    ddp = two_processes(two_process_runs("multi_gpu.yaml"), f"token-mean-{recipe}")
     assert_same_weights(ddp, one)
     assert train_losses(ddp) == pytest.approx(train_losses(one), rel=1e-5)
 
@@ -122,7 +110,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(model_kind, request, 
 def test_chunked_loss_drops_the_step_peak_by_the_logits(real_model_runs):
     chunked, whole = (json.loads((real_model_runs[k] / "memory_profile.json").read_text()) for k in ("chunked",
                                                                                                    "whole"))
-    logits = 511 * 49_152 * 4  # one row's fp32 logits of the trained positions
+    logits = (REAL_MODEL_BLOCK - 1) * 49_152 * 4  # one row's fp32 logits of the trained positions
     assert whole["peak_bytes"] - chunked["peak_bytes"] >= logits
     # the same training either way
     assert train_losses(real_model_runs["chunked"]) == pytest.approx(train_losses(real_model_runs["whole"]), rel=1e-5)

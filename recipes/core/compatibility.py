@@ -6,7 +6,6 @@ that the README holds exactly this table and launches every cell, so the table c
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from recipes.core.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
 from recipes.core.launch_setup import LaunchSetup

@@ -122,6 +122,11 @@ class TrainArguments:
     seed: int = 42
     gradient_checkpointing: bool = False
     bf16: bool = False
+    stochastic_rounding: bool = field(
+        default=True, metadata={"help": "With bf16 weights (--dtype bfloat16): write each update into the weights "
+                                         "rounded stochastically, so that updates smaller than bf16's spacing are kept "
+                                         "in expectation; false: rounded to nearest (they are lost). No effect on "
+                                         "fp32 or fp16 weights."})
     torch_compile: bool = field(
         default=False, metadata={"help": "Compile the model's decoder blocks with torch.compile (inductor), in place: "
                                           "the first steps pay the compile time, the later ones run faster."})

@@ -36,7 +36,9 @@ class CountersAdvanceOncePerStep:
 
     def step(self, closure=None):
         groups = self.param_groups
-        tensors = {id(p) for group in groups for p in group["params"]}
+        # a tensor is known by its state (a stand-in stepping one tensor in fp32 carries that tensor's state:
+        # recipes/core/stochastic_rounding.py), before its first step by itself
+        tensors = {id(self.state[p]) if p in self.state else id(p) for group in groups for p in group["params"]}
         if tensors & self._stepped_tensors:  # a new optimizer step
             self._stepped_tensors, self._counters_before_step = set(), {}
         self._stepped_tensors |= tensors
@@ -62,10 +64,22 @@ def _zero_optimizer(optimizer):
     return None
 
 
+def _stepped_each_tensor(optimizer):
+    """The StepsEachTensorInFp32 among the wrappers, or None."""
+    from recipes.core.stochastic_rounding import StepsEachTensorInFp32
+
+    while optimizer is not None and not isinstance(optimizer, StepsEachTensorInFp32):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
 def switch_mode(optimizer, mode: str) -> None:
     """Call the schedule-free optimizer's train() or eval(), and make the module weights follow (mode: train|eval)."""
     zero = _zero_optimizer(optimizer)
-    if zero is None:  # no DeepSpeed: the module's parameters are the optimizer's
+    rounded = _stepped_each_tensor(optimizer)
+    if rounded is not None:  # bf16 weights, stochastic rounding: one tensor at a time in fp32
+        rounded.switch_mode(mode)
+    elif zero is None:  # no DeepSpeed: the module's parameters are the optimizer's
         getattr(unwrap_optimizer(optimizer), mode)()
     elif hasattr(zero, "update_lp_params"):  # ZeRO-1/2: switch the master partitions, then copy and all-gather
         getattr(unwrap_optimizer(optimizer), mode)()

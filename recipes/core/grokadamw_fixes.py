@@ -3,6 +3,7 @@ grokadamw recipe (tests/test_resume.py, and under DDP and FSDP2 in tests/test_di
 
 from __future__ import annotations
 
+import torch
 from grokadamw import GrokAdamW
 
 
@@ -21,10 +22,26 @@ class GrokAdamWWithCheckpointableState(GrokAdamW):
     saves, loads and shards it as any optimizer's state (by parameter index, or by name under FSDP2).
     """
 
+
     def step(self, closure=None):
         for group in self.param_groups:
             group["state"] = self.state
         return super().step(closure)
+
+    def _update_group(self, group, params, grads, grokking_signal):
+        """Upstream's update, with each parameter at its position in the group when one is stepped alone.
+
+        GrokAdamW decays momentum by a parameter's position among its group's (beta1 x (1 - gamma)^i, i counted by
+        upstream over the tensors it is given). Stepped one tensor at a time (bf16 weights with stochastic rounding,
+        recipes/core/stochastic_rounding.py: `group["tensor_position"]`), the tensor comes after as many empty
+        stand-ins, so that it gets its own i; their throwaway state is dropped."""
+        position = group.get("tensor_position", 0)
+        stand_ins = [torch.zeros(0, device=params[0].device) for _ in range(position)] if params else []
+        try:
+            GrokAdamW._update_group(group, stand_ins + list(params), stand_ins + list(grads), grokking_signal)
+        finally:
+            for stand_in in stand_ins:
+                self.state.pop(stand_in, None)
 
     def state_dict(self) -> dict:
         packed = super().state_dict()

@@ -51,7 +51,11 @@ def _tensor_hooks_not_registered() -> Iterator[None]:
 
 class _UpdateEachParameterWhenReady:
     """Mixin over Lomo/AdaLomo: one post-accumulate-grad hook per parameter runs `_update(name, parameter)`, which
-    takes the gradient off the parameter (so nothing else holds it) and applies it."""
+    takes the gradient off the parameter (so nothing else holds it) and applies it. The new fp32 value is written
+    into 16-bit weights through `rounding` (a RoundingNoise: stochastically), or copied (to nearest) where it is
+    None; the noise generator's state travels in state_dict()."""
+
+    rounding = None  # set by FusedBackwardRecipe.build_for_run (recipes/core/stochastic_rounding.py)
 
     def __init__(self, model: torch.nn.Module, *args, **kwargs):
         with _tensor_hooks_not_registered():
@@ -65,6 +69,26 @@ class _UpdateEachParameterWhenReady:
     def _gradient_ready(self, name: str, p: torch.nn.Parameter) -> None:
         with torch.no_grad():
             self._update(name, p)
+
+    def _write(self, weights: torch.Tensor, weights_fp32: torch.Tensor) -> None:
+        """The update's fp32 result into the weights (the same tensor already when they are fp32)."""
+        if self.rounding is not None:
+            self.rounding.round_into(weights, weights_fp32)
+        elif weights_fp32 is not weights:
+            weights.copy_(weights_fp32)
+
+    def state_dict(self) -> dict:
+        packed = super().state_dict()
+        if self.rounding is not None:
+            packed["stochastic_rounding"] = self.rounding.state_dict()
+        return packed
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        noise = state_dict.pop("stochastic_rounding", None)
+        if noise is not None and self.rounding is not None:
+            self.rounding.load_state_dict(noise)
+        super().load_state_dict(state_dict)
 
     def _update(self, name: str, p: torch.nn.Parameter) -> None:
         raise NotImplementedError
@@ -114,7 +138,7 @@ class LinearTimeLomo(_UpdateEachParameterWhenReady, Lomo):
         if self.do_weight_decay:
             weights_fp32.mul_(1.0 - self.lr * self.weight_decay)
         weights_fp32.add_(grad_fp32, alpha=-self.lr)
-        weights.copy_(weights_fp32)
+        self._write(weights, weights_fp32)
 
 
 class LinearTimeAdaLomo(_UpdateEachParameterWhenReady, AdaLomoOnModelDevice):
@@ -166,4 +190,4 @@ class LinearTimeAdaLomo(_UpdateEachParameterWhenReady, AdaLomoOnModelDevice):
         if self.do_weight_decay:
             weights_fp32.mul_(1.0 - lr * self.weight_decay)
         weights_fp32.add_(update, alpha=-lr)
-        (partition if self.zero3_enabled else p.data).copy_(weights_fp32)
+        self._write(partition if self.zero3_enabled else p.data, weights_fp32)

@@ -22,6 +22,7 @@ from recipes.core import engine_free_zero3
 from recipes.core.deepspeed_fixes import switch_mode
 from recipes.core.lomo_fixes import average_gradients_across_processes
 from recipes.core.optimizer_wrappers import unwrap_optimizer
+from recipes.core.stochastic_rounding import StepsEachTensorInFp32, rounding_noise
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -121,6 +122,13 @@ class OptimizerRecipe:
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         raise NotImplementedError
+
+    def build_for_run(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+        """`build`, and how its updates reach the weights: with bf16 weights and --stochastic_rounding, each tensor
+        stepped in fp32 and rounded stochastically (recipes/core/stochastic_rounding.py); else as `build` made it."""
+        optimizer = self.build(model, config)
+        noise = rounding_noise(config, model)
+        return StepsEachTensorInFp32(optimizer, noise) if noise else optimizer
 
     @property
     def description(self) -> str:
@@ -249,6 +257,11 @@ class FusedBackwardRecipe(OptimizerRecipe):
 
         return self.build_fused(model.to(PartialState().device), config)
 
+    def build_for_run(self, model, config):
+        optimizer = self.build(model, config)
+        optimizer.rounding = rounding_noise(config, model)  # the fused update rounds each parameter's fp32 result
+        return optimizer
+
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         return largest_numel(shapes) * element_bytes  # one parameter's gradient at a time
 
@@ -307,6 +320,8 @@ class FusedBackwardRecipe(OptimizerRecipe):
             fused.grad_norm(loss)  # first pass: global norm only, graph retained for the update pass
         # What accelerator.backward(loss, learning_rate=lr) runs for Lomo/AdaLomo (its DeepSpeed branch would hand
         # the loss to an engine instead; the ZeRO-3 path has none).
+        if fused.rounding is not None:
+            fused.rounding.begin_step()  # this step's rounding noise
         fused.fused_backward(loss, lr)
         if engine_free_zero3.is_partitioned(model):
             engine_free_zero3.release_gathered(model)

@@ -32,6 +32,7 @@ from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
 from recipes.core.sources import load_model, load_model_config, load_tokenizer
+from recipes.core.stochastic_rounding import rounding_note
 from recipes.core.throughput import compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source
 from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
 from recipes.core.torch_compile import compile_decoder_blocks
@@ -89,7 +90,9 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     token_loss, loss_note = build_token_loss(model, t.chunked_loss)  # before any wrapper: it is the output layer's
     if t.torch_compile:  # in place, before any wrapper: their hooks then run around the compiled blocks
         loss_note += "\n" + compile_decoder_blocks(model, t.torch_compile_mode)
-    optimizer = recipe.build(model, config)
+    optimizer = recipe.build_for_run(model, config)
+    weights_note = rounding_note(config, model)  # how updates reach 16-bit weights
+    loss_note += f"\n{weights_note}" if weights_note else ""
     embedding = model.get_input_embeddings().weight
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
                                                getattr(embedding, "ds_numel", embedding.numel()), block_size)

@@ -136,10 +136,12 @@ def model_class(model_config):
 
 def load_model(config: Config, model_config):
     m = config.model
-    if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded
-        # Built from its class, not from_config: outside DeepSpeed's zero.Init, so the same init under every setup.
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
     dtype = DTYPES[m.dtype]
+    if m.model_name_or_path is None:  # the embedded default: a fresh tiny Llama, seeded
+        # Built from its class, not from_config: outside DeepSpeed's zero.Init, so the same init under every setup;
+        # initialised in fp32, then in --dtype (the same weights as a pretrained checkpoint loaded in it)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
+        return model if dtype == "auto" else model.to(dtype)
     if gguf_source.is_gguf(m.model_name_or_path):
         return gguf_source.load_model(m.model_name_or_path, torch.float32 if dtype == "auto" else dtype)
     return AutoModelForCausalLM.from_pretrained(m.model_name_or_path, dtype=dtype,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,7 +25,9 @@ import torch
 # dense bf16 TFLOP/s; matched against torch.cuda.get_device_name, most specific first
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", None), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                     ("L4", 121.0), ("RTX 4090", 165.0))
-STARTUP_MATMUL = (2048, 2048, 2048)  # (m, k, n) of the start-up measurement: under 1 s in fp32 on one thread
+# (m, k, n) of the start-up measurement: 0.02 s a call in fp32 on one thread, at the rate of 2048^3 (measured on an
+# AMD EPYC: 1024^3 100 GFLOP/s, 2048^3 96), so that the best of several calls costs a launch little
+STARTUP_MATMUL = (1024, 1024, 1024)
 # Measured first; where it says STARTUP_MATMUL would take longer than STARTUP_SECONDS a call (bf16 on a CPU without
 # native bf16: 0.3 GFLOP/s on an AVX2-only AMD EPYC, 4 minutes for the measurement), the probe's rate is the one used
 PROBE_MATMUL = (256, 256, 256)
@@ -66,12 +67,13 @@ class CpuMatmul:
         return time.perf_counter() - started
 
 
-def cpu_matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = STARTUP_MATMUL, calls: int = 3) -> float:
+def cpu_matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = STARTUP_MATMUL, calls: int = 5) -> float:
     """This process's dense matmul rate on the CPU in FLOP/s: (m x k) @ (k x n) in `dtype` at the current torch
-    thread count, one warm-up call, then the median of `calls` timed ones."""
+    thread count, one warm-up call, then the fastest of `calls` timed ones: on a busy machine (a launch's other
+    processes starting up beside it) the fastest call is the least disturbed one, so MFU stays below 1."""
     matmul = CpuMatmul(dtype, shape)
     matmul.seconds()  # warm-up: the library's kernels chosen, the output's pages touched
-    return matmul.flops / statistics.median(matmul.seconds() for _ in range(calls))
+    return matmul.flops / min(matmul.seconds() for _ in range(calls))
 
 
 @functools.lru_cache(maxsize=None)
