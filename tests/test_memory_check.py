@@ -128,7 +128,8 @@ def test_processes_on_one_machine_share_its_memory(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,deepspeed_bf16,expected", [("float32", False, "fp32"), ("bfloat16", False, "bf16"),
-                                                           ("float16", False, "bf16"), ("float32", True, "bf16-mixed")])
+                                                           ("float16", False, "bf16-nearest"),
+                                                           ("float32", True, "bf16-mixed")])
 def test_the_estimate_uses_the_runs_precision(dtype, deepspeed_bf16, expected, monkeypatch):
     if deepspeed_bf16:
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -136,3 +137,5 @@ def test_the_estimate_uses_the_runs_precision(dtype, deepspeed_bf16, expected, m
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     config = parse_config(RECIPES["schedule_free_adamw"], ["--dtype", dtype])
     assert memory_check.run_precision(config, None) == expected
+    nearest = parse_config(RECIPES["schedule_free_adamw"], ["--dtype", dtype, "--stochastic_rounding", "false"])
+    assert memory_check.run_precision(nearest, None) == expected.replace("bf16", "bf16-nearest", expected == "bf16")

@@ -54,6 +54,12 @@ class CountersAdvanceOncePerStep:
                 self._counters_before_step.setdefault(index, before[index])
         return loss
 
+    def load_state_dict(self, state_dict):
+        """Loaded counters are the next step's starting point (FSDP2's loader steps an empty optimizer once
+        before loading: what that step saw is forgotten)."""
+        super().load_state_dict(state_dict)
+        self._stepped_tensors, self._counters_before_step = set(), {}
+
 
 def _zero_optimizer(optimizer):
     """DeepSpeed's ZeRO optimizer between accelerate's wrapper and the user's optimizer, or None."""

@@ -132,8 +132,9 @@ def _estimate_setting(config: Config, model_config) -> _Setting:
 
 def run_precision(config: Config, model_config) -> str:
     """The estimator's name for how this run keeps its weights: DeepSpeed's 16-bit mixed precision ("bf16-mixed":
-    16-bit weights and an fp32 master copy), 16-bit weights throughout ("bf16", --dtype bfloat16 or float16, or
-    auto on a 16-bit checkpoint), else fp32 (autocast, --bf16 true, keeps the weights fp32)."""
+    16-bit weights and an fp32 master copy), 16-bit weights throughout (--dtype bfloat16 or float16, or auto on a
+    16-bit checkpoint: "bf16" where updates are rounded stochastically, "bf16-nearest" where not), else fp32
+    (autocast, --bf16 true, keeps the weights fp32)."""
     launch = config.launch
     if launch.kind == "deepspeed" and launch.mixed_precision in ("bf16", "fp16"):
         return f"{launch.mixed_precision}-mixed"
@@ -141,7 +142,9 @@ def run_precision(config: Config, model_config) -> str:
     if dtype == "auto":
         saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
         dtype = str(saved).replace("torch.", "") if saved is not None else "float32"
-    return "bf16" if dtype in ("bfloat16", "float16") else "fp32"
+    if dtype == "bfloat16":
+        return "bf16" if config.train.stochastic_rounding else "bf16-nearest"
+    return "bf16-nearest" if dtype == "float16" else "fp32"
 
 
 def _describe(s: _Setting) -> str:

@@ -15,7 +15,11 @@ state.
 
 Precision: "fp32"; "bf16-mixed" / "fp16-mixed" as DeepSpeed keeps them (16-bit parameters and gradients, an fp32
 master copy counted with the optimizer state, fp32 optimizer state; LOMO/AdaLomo update the 16-bit weights in
-place, no master); "bf16" (everything 16-bit). ZeRO stage s over N processes divides optimizer state (s >= 1),
+place, no master); "bf16" (16-bit weights and gradients, each update rounded stochastically: an ordinary
+recipe's optimizer state is fp32 and one tensor's fp32 copy, fp32 gradient and rounding noise are held at once,
+recipes/core/stochastic_rounding.py; the LOMO family adds the noise to its fused update); "bf16-nearest"
+(everything 16-bit, rounded to nearest: --stochastic_rounding false, or fp16 weights). ZeRO stage s over N
+processes divides optimizer state (s >= 1),
 gradients (s >= 2; not a fused update's, which all-reduces one parameter's whole gradient) and parameters (s = 3)
 by N. A fused update's fp32 temporaries (`update_temporaries`, for the largest parameter) are counted as measured.
 """
@@ -37,7 +41,7 @@ from recipes.core import embedded, gguf_source
 from recipes.core.optimizer_recipe import ParameterShapes, parameter_roles
 from recipes.core.token_loss import CHUNK_LOGITS, MIN_POSITIONS, build_token_loss
 
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "bf16-nearest")
 
 
 @dataclass
@@ -211,7 +215,7 @@ def _footprint(model, precision: str, micro_batch: int, seq_len: int, gradient_c
     activations, saved = activation_bytes(model, micro_batch, seq_len, gradient_checkpointing, chunked_loss)
     head = model.get_output_embeddings().weight
     return _Footprint(
-        shapes=shapes, numel=numel, weight_bytes=weight_bytes, state_bytes=2 if precision == "bf16" else 4,
+        shapes=shapes, numel=numel, weight_bytes=weight_bytes, state_bytes=2 if precision == "bf16-nearest" else 4,
         parameters=numel * weight_bytes + sum(b.numel() * b.element_size() for b in model.buffers()),
         activations=activations, saved_activations=saved,
         loss_temporaries=loss_temporary_bytes(model, micro_batch, seq_len, chunked_loss),
@@ -222,6 +226,8 @@ def _footprint(model, precision: str, micro_batch: int, seq_len: int, gradient_c
 def _recipe_estimate(recipe, f: _Footprint, precision: str, world_size: int, zero_stage: int) -> MemoryEstimate:
     grads = recipe.gradient_bytes(f.shapes, f.weight_bytes)
     update = recipe.update_bytes(f.shapes, f.weight_bytes)
+    if precision == "bf16":  # rounded stochastically into the 16-bit weights
+        update += recipe.rounding_bytes(f.shapes)
     state = recipe.optimizer_state_bytes(f.shapes, f.state_bytes)
     if precision.endswith("-mixed") and recipe.keeps_master_weights:
         state += f.numel * 4

@@ -22,6 +22,7 @@ from recipes.core import engine_free_zero3
 from recipes.core.deepspeed_fixes import switch_mode
 from recipes.core.lomo_fixes import average_gradients_across_processes
 from recipes.core.optimizer_wrappers import unwrap_optimizer
+from recipes.core.stochastic_rounding import CHUNK as ROUNDING_CHUNK
 from recipes.core.stochastic_rounding import StepsEachTensorInFp32, rounding_noise
 
 if TYPE_CHECKING:
@@ -119,6 +120,12 @@ class OptimizerRecipe:
         """Bytes an update holds at once beyond the gradients and the state, for the memory estimator: the fp32
         copies of a fused (LOMO-family) update. 0 here: a torch optimizer's step temporaries are not counted."""
         return 0
+
+    def rounding_bytes(self, shapes: list[tuple[int, ...]]) -> int:
+        """Bytes held at once to round updates stochastically into bf16 weights: the largest tensor's fp32
+        stand-in and fp32 gradient (StepsEachTensorInFp32), and the noise of one chunk."""
+        largest = largest_numel(shapes)
+        return largest * 8 + min(largest, ROUNDING_CHUNK) * 4
 
     def build(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -262,6 +269,9 @@ class FusedBackwardRecipe(OptimizerRecipe):
         optimizer.rounding = rounding_noise(config, model)  # the fused update rounds each parameter's fp32 result
         return optimizer
 
+    def rounding_bytes(self, shapes):
+        return min(largest_numel(shapes), ROUNDING_CHUNK) * 4  # the noise: the fp32 result is the update's own
+
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         return largest_numel(shapes) * element_bytes  # one parameter's gradient at a time
 
@@ -320,7 +330,7 @@ class FusedBackwardRecipe(OptimizerRecipe):
             fused.grad_norm(loss)  # first pass: global norm only, graph retained for the update pass
         # What accelerator.backward(loss, learning_rate=lr) runs for Lomo/AdaLomo (its DeepSpeed branch would hand
         # the loss to an engine instead; the ZeRO-3 path has none).
-        if fused.rounding is not None:
+        if getattr(fused, "rounding", None) is not None:  # lomo-optim's own classes have none
             fused.rounding.begin_step()  # this step's rounding noise
         fused.fused_backward(loss, lr)
         if engine_free_zero3.is_partitioned(model):

@@ -144,14 +144,21 @@ class StepsEachTensorInFp32(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("stepping one tensor at a time takes no closure")
+        if not self._holds_bf16():  # e.g. DeepSpeed's fp32 master partitions: nothing to round
+            return self.optimizer.step()
         self.noise.begin_step()
         self._each_tensor(self.optimizer.step, with_gradient=True)
 
     @torch.no_grad()
     def switch_mode(self, mode: str) -> None:
         """Schedule-free's train() or eval(), which move the weights between y and x, one tensor at a time."""
+        if not self._holds_bf16():
+            return getattr(self.optimizer, mode)()
         self.noise.begin_step()
         self._each_tensor(getattr(self.optimizer, mode), with_gradient=False)
+
+    def _holds_bf16(self) -> bool:
+        return any(p.dtype == torch.bfloat16 for group in self.optimizer.param_groups for p in group["params"])
 
     def _each_tensor(self, call, with_gradient: bool) -> None:
         """`call()` once per parameter (with a gradient, if asked), an fp32 copy of it alone in its group.
