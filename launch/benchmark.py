@@ -272,7 +272,7 @@ def measure(args, harness: str, name: str, folder: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run", harness, name, "--result", str(result),
            "--model", args.model, "--per_device_train_batch_size", str(args.per_device_train_batch_size),
            "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd += ["--bf16"] if args.bf16 else []
+    cmd += ["--bf16", "true"] if args.bf16 else []
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -412,6 +412,8 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
 
 
 def main(argv=None) -> None:
+    from transformers.hf_argparser import string_to_bool  # --bf16, --bf16 true, --bf16 false, as the recipes take
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--model_name_or_path", default=None, help="a local model folder; default the embedded model")
@@ -425,7 +427,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (must cover step 2, the profiled one)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every harness (--bf16 true for recipes)")
+    parser.add_argument("--bf16", type=string_to_bool, nargs="?", const=True, default=False,
+                        help="bf16 autocast in every harness (--bf16 true, as the recipes spell it)")
     parser.add_argument("--run", nargs=2, metavar=("HARNESS", "OPTIMIZER"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

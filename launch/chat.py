@@ -56,12 +56,20 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         inputs = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, return_dict=True,
                                                     return_tensors="pt").to(self.model.device)
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        room = positions - inputs["input_ids"].shape[1]  # new tokens the model has positions for
+        if room <= 0:
+            self.messages.pop()
+            answer = (f"(the conversation has {inputs['input_ids'].shape[1]} tokens, the model {positions} positions: "
+                      "/reset to start over)")
+            print(answer)
+            return answer
         sampling = self.temperature > 0
         options = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if sampling else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, streamer=streamer,
+            output = self.model.generate(**inputs, max_new_tokens=min(self.max_new_tokens, room), streamer=streamer,
                                          pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                          **options)
         answer = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -96,7 +104,9 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     mode = "greedy" if args.temperature <= 0 else f"sampling at temperature {args.temperature}, top_p {args.top_p}"
-    print(f"chat template: {template}; {mode}, at most {args.max_new_tokens} new tokens", file=sys.stderr)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limit = f" (fewer where the model's {positions} positions end)" if positions and positions <= args.max_new_tokens else ""
+    print(f"chat template: {template}; {mode}, at most {args.max_new_tokens} new tokens{limit}", file=sys.stderr)
     chat = Chat(model, tokenizer, args.system, args.max_new_tokens, args.temperature, args.top_p)
     if args.prompt is not None:
         chat.reply(args.prompt)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     path = folder / "results.json"
     record = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     fp32_hardware = sorted({r.get("hardware", "not recorded") for r in earlier["runs"]})
-    record.update(comparison=args.comparison, hardware=hardware(), fp32_hardware=", ".join(fp32_hardware),
+    record.update(comparison=os.path.relpath(args.comparison, REPO), hardware=hardware(), fp32_hardware=", ".join(fp32_hardware),
                   setup=f"{args.model_name_or_path}: {earlier['setup'].split(': ', 1)[1]}",
                   protocol={k: getattr(protocol, k) for k in PROTOCOL})
     if "base_eval_loss" not in record:

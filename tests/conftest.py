@@ -36,13 +36,13 @@ def free_port() -> int:
 
 
 def launch(recipe: str, *args: str, config: str = "cpu.yaml", env: dict | None = None, check: bool = True,
-           timeout: int = 300) -> subprocess.CompletedProcess:
+           timeout: int = 300, launcher_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run a recipe exactly as the README says; with check=True, fail the test with the run's output on error.
 
     A multi-process config gets a free --main_process_port, so tests running at once (pytest -n) do not meet."""
     config_file = CONFIGS / config
     port = ["--main_process_port", str(free_port())] if "num_processes: 1" not in config_file.read_text() else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *port,
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "--config_file", str(config_file), *port,
            str(REPO / "recipes" / f"{recipe}.py"), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=offline_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
@@ -203,8 +203,10 @@ TWO_PROCESS_RUNS: dict[str, dict[str, dict]] = {}
 
 def two_process_run(config: str, name: str, recipe: str, args: Callable[[dict], list[str]],
                     resumed: bool = False) -> None:
-    """Register a run of `recipe` under `config` (2 processes), its flags `args(shared_data)` (no --output_dir)."""
-    TWO_PROCESS_RUNS.setdefault(config, {})[name] = {"recipe": recipe, "args": args, "resumed": resumed}
+    """Register a run of `recipe` under `config` (2 processes), its flags `args(shared_data)` (no --output_dir). A
+    module may register a run another registers too (the same name, the same flags): it is made once."""
+    earlier = TWO_PROCESS_RUNS.setdefault(config, {}).get(name, {})
+    TWO_PROCESS_RUNS[config][name] = {"recipe": recipe, "args": args, "resumed": resumed or earlier.get("resumed", False)}
 
 
 def cpu_env(config: str) -> dict:

@@ -137,13 +137,18 @@ def test_memory_snapshot_steps_needs_cuda_and_says_so(tmp_path):
 
 
 def test_estimate_command_prints_every_recipe_side_by_side():
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "estimate_memory.py"), "--precision", "bf16-mixed",
-                           "--gradient_checkpointing", "--world_size", "4", "--zero_stage", "3"],
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "estimate_memory.py"), "--bf16", "true",
+                           "--gradient_checkpointing", "true", "--world_size", "4", "--zero_stage", "3", "--device", "cpu"],
                           cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| per device"))
     assert all(f"`{name}`" in header for name in RECIPE_NAMES)
     assert "| total vs adamw | 1.00x" in proc.stdout
+    assert "bf16-mixed" in proc.stdout and "gradient checkpointing on" in proc.stdout  # the recipes' spellings
+    totals, with_baseline = ([cell.strip() for cell in line.split("|")[2:-1]] for line in proc.stdout.splitlines()
+                             if line.startswith(("| total |", "| with baseline (cpu) |")))
+    assert all(float(b.split()[0]) - float(t.split()[0]) == pytest.approx(512, abs=0.02)  # MiB: the CPU baseline
+               for t, b in zip(totals, with_baseline) if t.endswith("MiB") and b.endswith("MiB"))
 
 
 @pytest.mark.parametrize("loss", ["chunked", "whole"])

@@ -153,7 +153,7 @@ def test_the_real_model_trains_on_two_processes_under_zero3(real_model, tmp_path
            "--per_device_train_batch_size", "1", "--logging_steps", "1", "--output_dir", str(out),
            config="zero3.yaml")
     resolved = yaml.safe_load((out / "run_config.yaml").read_text())
-    assert resolved["num_processes"] == 2 and resolved["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert resolved["num_processes"] == 2 and resolved["distributed_type"] == "DEEPSPEED"
     assert results(out)["replicas_identical"] is True
     losses = train_losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0]

@@ -50,11 +50,21 @@ def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fr
 
 @pytest.mark.smoke
 def test_default_run_needs_no_flags(tmp_path):
-    """`accelerate launch recipes/adalomo.py` with nothing else: trains on the embedded default into runs/adalomo."""
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(CONFIGS / "cpu.yaml"), str(REPO / "recipes" / "adalomo.py")], cwd=tmp_path,
-                          env=offline_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """The README's first command, `python recipes/adalomo.py` with nothing else, its output piped as to a log file
+    (the progress bar left at its default): trains on the embedded default into runs/adalomo on every core, with a
+    log that grep can read."""
+    env = {k: v for k, v in offline_env().items() if k not in ("OMP_NUM_THREADS", "TQDM_DISABLE")}
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "adalomo.py")], cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    log = proc.stdout
+    assert "\r" not in log and "thread(s) x" not in log and "not passed" not in log, log[:3000]  # no bar, every core
+    total_steps = int(log.split(" steps on ")[0].split()[-1])
+    step_lines = [line for line in log.splitlines() if line.startswith("step=")]
+    logged = [int(line.split()[0].split("=")[1]) for line in step_lines]
+    assert logged[:-1] == sorted({*range(10, total_steps + 1, 10), total_steps})  # one line per logging step
+    assert f"{total_steps} steps on 1 process(es), " in log and " eval_loss=" in step_lines[-1]
+    assert log.splitlines()[-1].startswith("adalomo: saved the model to runs/adalomo (")  # the last line says where
     out = tmp_path / "runs" / "adalomo"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
@@ -169,3 +179,61 @@ def test_help_lists_the_knobs_this_recipe_reads_and_not_the_others():
     assert "--clip_grad_value" in lomo_help and "--learning_rate" in lomo_help and "--dataset_format" in lomo_help
     for other in ("--adam_beta1", "--grokadamw_lamb", "--loss_scale", "--sgd_momentum"):
         assert other not in lomo_help
+    # every flag has its text and its default, read from the dataclasses; a --no_ flag says what it turns off
+    flags = " ".join(lomo_help.split("options:")[1].split())
+    for flag, text in (("--num_train_epochs", "Passes over the training data, when --max_steps is -1. (default: 3.0)"),
+                       ("--logging_steps", "Steps per log line (the Trainer's default: 500). (default: 10)"),
+                       ("--seed", "the data order and the rounding noise. (default: 42)"),
+                       ("--no_stochastic_rounding", "Turn --stochastic_rounding off.")):
+        assert text in flags.split(flag, 1)[1][:400], flag
+
+
+def test_trainer_and_trl_names_read_as_the_flags_they_mean(tmp_path):
+    """TRL's --max_seq_length / --max_length are --block_size, the old --torch_dtype is --dtype, Trainer's
+    --resume_from_checkpoint true is 'latest', and a YAML config takes report_to as a list, as TrainingArguments do."""
+    recipe = {r.name: r for r in all_recipes()}["adamw"]
+    config = parse_config(recipe, ["--max_seq_length", "32", "--torch_dtype", "bfloat16", "--resume_from_checkpoint",
+                                   "true", "--output_dir", str(tmp_path / "a")])
+    assert (config.data.block_size, config.model.dtype, config.train.resume_from_checkpoint) == (32, "bfloat16",
+                                                                                                "latest")
+    yaml_file = tmp_path / "args.yaml"
+    yaml_file.write_text("max_length: 48\nreport_to: [none]\neval_strategy: 'no'\nvalidation_split_percentage: 0\n"
+                         "save_strategy: 'no'\nwarmup_ratio: 0.1\n")
+    config = parse_config(recipe, ["--config", str(yaml_file), "--output_dir", str(tmp_path / "b")])
+    t = config.train
+    assert (config.data.block_size, t.report_to, t.eval_steps, t.save_steps) == (48, "none", None, 0)
+
+
+def test_every_offered_schedule_trains_three_steps(tmp_path):
+    """Each --lr_scheduler_type that --help offers (with the arguments it needs, as Trainer takes them through
+    --lr_scheduler_kwargs) trains: the lr of each step is transformers' schedule for those arguments (warmup and
+    kwargs included), and the run ends with a model."""
+    import torch
+    from transformers import get_scheduler
+
+    from recipes.core.config import SCHEDULE_NEEDS, offered_schedules
+
+    def expected_lrs(schedule: str, warmup: int, kwargs: dict) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=3,
+                                  scheduler_specific_kwargs=kwargs)
+        lrs = []
+        for _ in range(3):
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    example_kwargs = {"min_lr": '{"min_lr_rate": 0.1}', "num_decay_steps": '{"num_decay_steps": 1}'}
+    for schedule in offered_schedules():
+        out = tmp_path / schedule
+        needs = SCHEDULE_NEEDS.get(schedule)
+        kwargs = ["--lr_scheduler_kwargs", example_kwargs[needs[0]]] if needs else []
+        warmup = ["--warmup_steps", "1"] if schedule != "constant" else []  # constant has none: refused with it
+        proc = run_here("adamw", "--max_steps", "3", *warmup, "--logging_steps", "1", "--lr_scheduler_type", schedule,
+                        *kwargs, "--output_dir", str(out), check=False)
+        assert proc.returncode == 0, f"{schedule}: {proc.stderr[-2000:]}"
+        lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+        reference = expected_lrs(schedule, len(warmup) // 2, json.loads(kwargs[1]) if kwargs else {})
+        assert lrs == pytest.approx(reference, rel=1e-6), schedule
+        assert (out / "model.safetensors").is_file()

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from recipes.core.loop import main
 from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from tests.conftest import (CONFIGS, REPO, launch, offline_env, read_metrics, results, run_flags, run_here,
-                            shared_output, smoke)
+from tests.conftest import (CONFIGS, REPO, assert_shared_launch_ran, cpu_env, free_port, launch, offline_env,
+                            read_metrics, results, run_flags, run_here, shared_output, smoke, two_process_run)
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 RECIPES = {r.name: r for r in all_recipes()}
@@ -137,6 +137,39 @@ def test_preemption_signal_checkpoints_exits_zero_and_resume_matches_an_uninterr
     run_here("adamw", *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
     assert losses_by_step(out)[200] == losses_by_step(straight)[200]
     assert results(out)["eval_loss"] == results(straight)["eval_loss"]
+
+
+two_process_run("multi_gpu.yaml", "adamw", "adamw", lambda data: run_flags("adamw", 2))  # test_distributed's cell
+
+
+def test_ctrl_c_under_a_two_process_launch_checkpoints_exits_130_and_resumes_exactly(tmp_path, two_process_runs):
+    """Ctrl-C in a terminal: SIGINT to the launcher and both ranks (the foreground process group). Every rank stops
+    after the same step, one checkpoint, the resume command, exit 130; resumed in a new 2-process launch, the run
+    ends with the weights of the uninterrupted one (the shared 2-process adamw run)."""
+    config, out, slow = "multi_gpu.yaml", tmp_path / "out", tmp_path / "slow"
+    args = [*run_flags("adamw", 2), "--save_steps", "0", "--output_dir", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+         "--main_process_port", str(free_port()), str(REPO / "recipes" / "adamw.py"), *args],
+        cwd=REPO, env=offline_env(**cpu_env(config), PYTHONPATH=FAULTS, INJECT_SLOW_STEPS=str(slow)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(slow.exists)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    saved = [line for line in stdout.splitlines() if "SIGINT received: saved" in line]
+    assert len(saved) == 1 and "--resume_from_checkpoint latest" in saved[0], stdout[-3000:]
+    assert "Traceback" not in stderr.split("SIGINT")[0], stderr[-3000:]
+    (checkpoint,) = list(out.glob("checkpoint-*"))
+    assert 1 <= int(checkpoint.name.split("-")[1]) < 14 and not (out / "model.safetensors").exists()
+
+    launch("adamw", *args, "--resume_from_checkpoint", "latest", config=config, env=cpu_env(config))
+    runs = two_process_runs(config)
+    assert_shared_launch_ran(runs)
+    straight = runs["adamw"][0]
+    assert results(out)["num_processes"] == 2
+    assert losses_by_step(out)[14] == losses_by_step(straight)[14]
+    assert_same_weights(out, straight)
 
 
 def signal_while_loading(out: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -263,3 +296,17 @@ def test_a_finished_run_continues_to_more_steps_with_its_schedule_recomputed(tmp
     before, after = (load_file(out / f"checkpoint-{step}" / "model.safetensors") for step in (6, 7))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # step 7 trained at its new lr
     assert results(out)["step"] == 10 and (out / "checkpoint-10").is_dir()
+
+
+def test_a_checkpoint_loads_with_from_pretrained_and_generates(four_step_run):
+    """checkpoint-N holds the config, generation config and tokenizer beside its weights, as the Trainer's do: it
+    loads and generates as a model folder, with the weights the checkpoint resumes from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = four_step_run / "checkpoint-2"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    saved = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(saved[k], model.state_dict()[k]) for k in saved)
+    prompt = tokenizer("the old king", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4 and tokenizer.decode(generated[0]).strip()

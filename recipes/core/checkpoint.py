@@ -54,7 +54,9 @@ def check_run_folder(config: Config) -> Path | None:
     output_dir = Path(t.output_dir)
     continuing = t.resume_from_checkpoint and final_model_is_checkpointed(output_dir)  # nothing trained is lost
     if not (t.overwrite_output_dir or continuing) and any((output_dir / f).exists() for f in MODEL_FILES):
-        raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir "
+        more = (", continue its training to a larger --max_steps with --resume_from_checkpoint latest"
+                if final_model_is_checkpointed(output_dir) else "")
+        raise ConfigError(f"--output_dir {output_dir} already holds a trained model; choose another --output_dir{more} "
                           "or pass --overwrite_output_dir to replace it")
     if not (t.resume_from_checkpoint or t.overwrite_output_dir) and checkpoints_in(output_dir):
         raise ConfigError(f"--output_dir {output_dir} holds checkpoints of an earlier run; resume it with "
@@ -77,6 +79,10 @@ def resolve_checkpoint(config: Config) -> Path | None:
         path = found[-1]
     else:
         path = Path(spec)
+    if not path.exists():
+        found = checkpoints_in(path.parent) or checkpoints_in(Path(config.train.output_dir))
+        listed = f"the checkpoints there: {', '.join(p.name for p in found)}" if found else "there is no checkpoint there"
+        raise ConfigError(f"--resume_from_checkpoint {spec}: no such folder ({listed}); give one of them or 'latest'")
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint (no {STATE_FILE}); "
                           "give a checkpoint-<step> folder or 'latest'")
@@ -107,8 +113,13 @@ def resume_settings(config: Config, **resolved) -> dict:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, settings: dict,
-                    save_total_limit: int | None) -> Path:
-    """Write checkpoint-<step> atomically (every rank takes part), then drop the oldest beyond the limit."""
+                    save_total_limit: int | None, model=None, tokenizer=None) -> Path:
+    """Write checkpoint-<step> atomically (every rank takes part), then drop the oldest beyond the limit.
+
+    Where accelerate wrote the weights as `model.safetensors` (one process, DDP), the model's config, generation
+    config and `tokenizer` go beside them, so that `from_pretrained(checkpoint-<step>)` loads it as the Trainer's
+    checkpoints load (no second copy of the weights). Under DeepSpeed and FSDP the checkpoint holds sharded states
+    for resuming; the run's final save is the loadable model."""
     final = output_dir / f"checkpoint-{state.step}"
     partial = output_dir / f".checkpoint-{state.step}.partial"
     if accelerator.is_main_process:
@@ -118,6 +129,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerSt
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({**asdict(state), "settings": settings}, indent=2) + "\n")
+        if model is not None and (partial / "model.safetensors").is_file():
+            model.config.save_pretrained(partial)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(partial)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
         if final.exists():  # the same step saved again (after a resume): swap it out whole
             stale = output_dir / f".checkpoint-{state.step}.stale"
             shutil.rmtree(stale, ignore_errors=True)

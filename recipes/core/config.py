@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,18 +101,28 @@ class TrainArguments:
     output_dir: Optional[str] = field(default=None, metadata={"help": "Default: runs/<recipe>."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow replacing a model in output_dir."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1: run num_train_epochs."})
-    num_train_epochs: float = 3.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "Default: the recipe's."})
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data, when --max_steps "
+                                                                     "is -1."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows per process per micro-batch."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Rows per process per evaluation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "Default: the recipe's (one for a "
+                                                                           "pretrained model, one for the embedded)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay, on matrices only."})
+    warmup_steps: int = field(default=0, metadata={"help": "Steps of linear warmup."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the run's steps to warm up over, when "
+                                                                "--warmup_steps is 0 (TrainingArguments)."})
     lr_scheduler_type: Optional[str] = field(
-        default=None, metadata={"help": "A transformers SchedulerType; default: the recipe's."})
+        default=None, metadata={"help": "One of transformers' SchedulerType but reduce_lr_on_plateau and greedy "
+                                         "(they step on a metric): linear, cosine, constant, constant_with_warmup, "
+                                         "cosine_with_min_lr, ...; default: the recipe's."})
+    lr_scheduler_kwargs: Optional[str] = field(
+        default=None, metadata={"help": "JSON of the schedule's own arguments (TrainingArguments), e.g. "
+                                         "'{\"min_lr_rate\": 0.1}' for cosine_with_min_lr."})
     max_grad_norm: Optional[float] = field(
         default=None, metadata={"help": "Global gradient-norm clipping, 0 disables; default: the recipe's."})
-    logging_steps: int = 10
+    logging_steps: int = field(default=10, metadata={"help": "Steps per log line (the Trainer's default: 500)."})
+    logging_dir: Optional[str] = field(default=None, metadata={"help": "Where trackers write; default: output_dir."})
     save_steps: int = field(
         default=500, metadata={"help": "Write a resumable checkpoint every N steps and at the last step; 0: never."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
@@ -119,9 +130,23 @@ class TrainArguments:
         default=None, metadata={"help": "A checkpoint-<step> folder, 'latest' (the newest in output_dir), or 'auto' "
                                 "(the newest if there is one, else start fresh: for jobs that get requeued)."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps; always at the end."})
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    bf16: bool = False
+    eval_strategy: Optional[str] = field(
+        default=None, metadata={"help": "no (never evaluate: --validation_split_percentage 0 may then train on all "
+                                         "the data), steps (every --eval_steps, default --logging_steps) or epoch, "
+                                         "as in TrainingArguments; default: every --eval_steps if given, and at "
+                                         "the end."})
+    save_strategy: Optional[str] = field(
+        default=None, metadata={"help": "no (no checkpoints), steps (every --save_steps) or epoch (at each epoch's "
+                                         "end); default: steps. A checkpoint is also written at the last step "
+                                         "unless no."})
+    seed: int = field(default=42, metadata={"help": "Seeds the model's initialisation, the data order and the "
+                                                    "rounding noise."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes loading batches (0: in the "
+                                                                      "training process)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less "
+                                                                          "memory, about a third more compute."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast with fp32 weights (mixed precision)."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 autocast with a loss scaler (a CUDA GPU only)."})
     stochastic_rounding: bool = field(
         default=True, metadata={"help": "With bf16 weights (--dtype bfloat16): write each update into the weights "
                                          "rounded stochastically, so that updates smaller than bf16's spacing are kept "
@@ -150,6 +175,10 @@ class TrainArguments:
     memory_budget_gib: Optional[float] = field(
         default=None, metadata={"help": "GiB per device the run may use, for --memory_check; default: the GPU's free "
                                          "memory, or the machine's available RAM shared by the run's processes."})
+    disable_tqdm: Optional[bool] = field(
+        default=None, metadata={"help": "No progress bars (TrainingArguments' name). Default: bars only when the "
+                                         "output is a terminal and TQDM_DISABLE is unset, so that a log piped to a "
+                                         "file has one line per log point (grep '^step=')."})
     report_to: str = field(default="none", metadata={"help": f"Tracker: one of {', '.join(TRACKERS)}."})
     run_name: Optional[str] = None
 
@@ -223,15 +252,38 @@ def all_flag_names() -> list[str]:
     return [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
 
 
+# Other names of the same flags: TRL's for --block_size, transformers' older one for --dtype
+ALIASES = {"max_seq_length": "block_size", "max_length": "block_size", "torch_dtype": "dtype"}
+# Flags users bring from the Trainer and elsewhere that mean something else here: the sentence they need
+NOT_FLAGS_HERE = {
+    "optim": "the script is the optimizer here: run recipes/<name>.py (adamw, adafactor, grokadamw, lomo, adalomo, "
+             "schedule_free_adamw, schedule_free_sgd, galore, apollo, apollo_mini, adamw_8bit, stable_adamw)",
+    "lr": "the learning rate is --learning_rate",
+    "deepspeed": "DeepSpeed comes from the launch here: accelerate launch --config_file accelerate_configs/zero3.yaml "
+                 "(or zero2.yaml, zero3_offload.yaml), or your JSON named in an accelerate config as deepspeed_config: "
+                 "{deepspeed_config_file: ds.json} (docs/distributed.md)",
+    "fsdp": "FSDP comes from the launch here: accelerate launch --config_file accelerate_configs/fsdp2.yaml",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The recipe's docstring as written, and each flag's default after its text."""
+
+
 def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Config:
     """Parse `argv` (and the YAML file given with --config), fill in the recipe's defaults, and validate."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES, description=recipe.description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = _with_aliases_resolved(list(sys.argv[1:] if argv is None else argv))
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=recipe.description, formatter_class=_HelpFormatter,
+                              allow_abbrev=False)
+    parser.error = _refuse  # a bad value is one line, not the usage first
     parser.add_argument("--config", default=None, help="YAML file of flag: value pairs; the command line overrides it.")
     for action in parser._actions:  # --help lists the knobs this optimizer reads; the others stay refused if set
         if action.dest in OPTIMIZER_FLAGS and action.dest not in recipe.reads_flags:
             action.help = argparse.SUPPRESS
+        elif action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest} off."  # not the positive flag's text again
+        elif action.help is None:
+            action.help = " "  # listed with its default
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_read_yaml_flags(known.config))
@@ -243,9 +295,27 @@ def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Conf
     config = Config(model, data, train, optim, recipe=recipe.name)
     if train.torch_compile_mode is not None:  # TrainingArguments: a compile mode implies compiling
         train.torch_compile = True
+    if str(train.resume_from_checkpoint).lower() in ("true", "false"):  # TrainingArguments' boolean: the newest
+        train.resume_from_checkpoint = "latest" if str(train.resume_from_checkpoint).lower() == "true" else None
     recipe.fill_defaults(config)
     validate(config, recipe, explicitly_set)
     return config
+
+
+def _refuse(message: str):
+    """argparse's error as one line: "--num_train_epochs: invalid float value: 'five'" (its dashed alias left out)."""
+    raise ConfigError(re.sub(r"^argument (--[\w]+)/--[\w-]+:", r"\1:", message))
+
+
+def _with_aliases_resolved(argv: list[str]) -> list[str]:
+    """--max_seq_length 512 -> --block_size 512 (and --name=value forms)."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and name[2:].replace("-", "_") in ALIASES:
+            arg = f"--{ALIASES[name[2:].replace('-', '_')]}{eq}{value}"
+        out.append(arg)
+    return out
 
 
 def _read_yaml_flags(path: str) -> dict:
@@ -255,6 +325,9 @@ def _read_yaml_flags(path: str) -> dict:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag: value pairs at the top level")
+    values = {ALIASES.get(key, key): value for key, value in values.items()}
+    if isinstance(values.get("report_to"), list):  # TrainingArguments takes a list of trackers
+        values["report_to"] = ",".join(values["report_to"]) or "none"
     unknown = sorted(set(values) - set(all_flag_names()))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; the keys are the flag names "
@@ -265,6 +338,8 @@ def _read_yaml_flags(path: str) -> dict:
 def _unknown_flag_message(remaining: list[str]) -> str:
     flag = next((r for r in remaining if r.startswith("-")), remaining[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    if name in NOT_FLAGS_HERE:
+        return f"--{name} is not a flag of the recipes: {NOT_FLAGS_HERE[name]}"
     close = difflib.get_close_matches(name, all_flag_names(), n=1)
     hint = f"did you mean --{close[0]}? " if close else ""
     return f"unknown flag or value {flag!r}; {hint}run with --help to list the flags"
@@ -309,12 +384,17 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     if config.model.dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"--dtype {config.model.dtype!r} is not a weights dtype; use one of "
                           f"{', '.join(WEIGHT_DTYPES)}")
-    if not 0 < d.validation_split_percentage < 100:
-        raise ConfigError("--validation_split_percentage must be between 1 and 99")
-    schedulers = [s.value for s in SchedulerType]
-    if t.lr_scheduler_type not in schedulers:
-        raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type!r} is not a schedule; use one of "
-                          f"{', '.join(schedulers)}")
+    _validate_strategies(config)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.dataloader_num_workers < 0:
+        raise ConfigError(f"--dataloader_num_workers must be >= 0, got {t.dataloader_num_workers}")
+    if t.fp16 and t.bf16:
+        raise ConfigError("--fp16 and --bf16 both set: choose one mixed precision (bf16 needs no loss scaler)")
+    if t.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 true is fp16 autocast with a loss scaler, for CUDA GPUs; on a CPU use --bf16 true")
+    _validate_schedule(t)
+    _validate_trackers(t)
     if t.memory_snapshot_steps:
         try:
             parse_step_window(t.memory_snapshot_steps)
@@ -328,8 +408,6 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         raise ConfigError(f"--memory_check {t.memory_check!r}: use one of {', '.join(MEMORY_CHECKS)}")
     if t.memory_budget_gib is not None and not t.memory_budget_gib > 0:
         raise ConfigError(f"--memory_budget_gib must be positive, got {t.memory_budget_gib}")
-    if t.report_to not in TRACKERS:
-        raise ConfigError(f"--report_to {t.report_to!r} is not a tracker; use one of {', '.join(TRACKERS)}")
     _validate_dataset_path(d.dataset_name)
     if d.on_bad_rows not in BAD_ROW_ACTIONS:
         raise ConfigError(f"--on_bad_rows {d.on_bad_rows!r}: use one of {', '.join(BAD_ROW_ACTIONS)}")
@@ -347,6 +425,90 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     problem = recipe.refuse(config)
     if problem:
         raise ConfigError(problem)
+
+
+STRATEGIES = ("no", "steps", "epoch")
+# schedules that need an argument of their own, and one that needs a metric this loop does not feed it
+SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"), "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
+                  "warmup_stable_decay": ("num_decay_steps",)}
+SCHEDULES_NOT_OFFERED = {"reduce_lr_on_plateau": "it steps on an evaluation metric, and the loop steps the schedule "
+                                                 "every optimizer step; use cosine or linear",
+                         "greedy": "GreedyLR steps on a metric (step(metrics)), and the loop steps the schedule every "
+                                   "optimizer step without one; use cosine or linear"}
+
+
+def _validate_strategies(config: Config) -> None:
+    """eval_strategy / save_strategy as TrainingArguments means them, folded into --eval_steps / --save_steps."""
+    t, d = config.train, config.data
+    for name in ("eval_strategy", "save_strategy"):
+        value = getattr(t, name)
+        if value is not None and value not in STRATEGIES:
+            raise ConfigError(f"--{name} {value!r}: use one of {', '.join(STRATEGIES)}")
+    if t.eval_strategy == "no":
+        t.eval_steps = None
+    elif t.eval_strategy == "steps" and t.eval_steps is None:
+        t.eval_steps = t.logging_steps  # TrainingArguments' default
+    if t.save_strategy == "no":
+        t.save_steps = 0
+    lowest = 0 if t.eval_strategy == "no" else 1
+    if not lowest <= d.validation_split_percentage < 100:
+        raise ConfigError(f"--validation_split_percentage must be between {lowest} and 99"
+                          + ("" if lowest == 0 else " (0, no held-out data, with --eval_strategy no)"))
+
+
+def offered_schedules() -> list[str]:
+    """The --lr_scheduler_type values a recipe takes: transformers' SchedulerType, less those not offered."""
+    return [s.value for s in SchedulerType if s.value not in SCHEDULES_NOT_OFFERED]
+
+
+def _validate_schedule(t) -> None:
+    schedulers = offered_schedules()
+    if t.lr_scheduler_type in SCHEDULES_NOT_OFFERED:
+        raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type} is not offered: "
+                          f"{SCHEDULES_NOT_OFFERED[t.lr_scheduler_type]}")
+    if t.lr_scheduler_type not in schedulers:
+        raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type!r} is not a schedule; use one of "
+                          f"{', '.join(schedulers)}")
+    kwargs = schedule_kwargs(t)
+    needs = SCHEDULE_NEEDS.get(t.lr_scheduler_type)
+    if needs and not any(k in kwargs for k in needs):
+        example = {"min_lr": '{"min_lr_rate": 0.1}', "num_decay_steps": '{"num_decay_steps": 100}'}[needs[0]]
+        raise ConfigError(f"--lr_scheduler_type {t.lr_scheduler_type} needs {' or '.join(needs)}: pass "
+                          f"--lr_scheduler_kwargs '{example}'")
+
+
+def schedule_kwargs(t) -> dict:
+    """--lr_scheduler_kwargs as a dict (get_scheduler's scheduler_specific_kwargs)."""
+    if not t.lr_scheduler_kwargs:
+        return {}
+    import json
+
+    try:
+        kwargs = json.loads(t.lr_scheduler_kwargs) if isinstance(t.lr_scheduler_kwargs, str) else t.lr_scheduler_kwargs
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--lr_scheduler_kwargs {t.lr_scheduler_kwargs!r}: give a JSON object, e.g. "
+                          "'{\"min_lr_rate\": 0.1}'")
+    return kwargs
+
+
+def trackers(t) -> list[str]:
+    """--report_to as a list (comma-separated, or a YAML list); [] for none."""
+    names = [n.strip() for n in str(t.report_to).split(",") if n.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+def _validate_trackers(t) -> None:
+    from accelerate.utils import imports
+
+    for name in trackers(t):
+        if name not in TRACKERS or name == "none":
+            raise ConfigError(f"--report_to {name!r} is not a tracker; use one of {', '.join(TRACKERS)}")
+        available = getattr(imports, f"is_{name}_available", None)
+        if name != "all" and available is not None and not available():
+            raise ConfigError(f"--report_to {name}: the {name} package is not installed; pip install {name} "
+                              "(or --report_to none)")
 
 
 def default_block_size(model_config) -> int:

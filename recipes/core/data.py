@@ -40,6 +40,8 @@ def load_raw_datasets(config: Config) -> DatasetDict:
                           f"split (it has {', '.join(raw)}); drop the flag to hold out "
                           f"{d.validation_split_percentage}% of train")
     train = with_row_numbers(raw[d.dataset_train_split])
+    if test_split is None and d.validation_split_percentage == 0:  # --eval_strategy no: train on every row
+        return DatasetDict(train=train, validation=train.select([]))
     if test_split is None:
         held_out = train.train_test_split(test_size=d.validation_split_percentage / 100, seed=config.train.seed)
         return DatasetDict(train=held_out["train"], validation=held_out["test"])

@@ -1,17 +1,23 @@
-"""Preemption: SIGTERM, or SIGUSR1 (what SLURM sends before a time limit), asks the run to checkpoint and stop.
+"""Preemption: SIGTERM, SIGUSR1 (what SLURM sends before a time limit) or SIGINT (Ctrl-C) asks the run to checkpoint
+and stop.
 
 From the start of a run until its set-up ends (flags read, data and model loaded: minutes for a large model) there
 is nothing to save, so a signal stops the run at once (`PreemptedBeforeTraining`, raised from the handler; the loop
 removes what the run had written and says so in one line). From then on the signal only sets accelerate's trigger;
 the loop polls it once per optimizer step (an all-reduce when distributed; free with one process), so every rank
-stops after the same step and they checkpoint together.
+stops after the same step and they checkpoint together. After the checkpoint a SIGTERM or SIGUSR1 run exits 0 (a
+scheduler requeues it), a Ctrl-C one 130 (as an interrupted command does).
+
+Under a launcher the checkpoint must fit in its grace period: `accelerate launch` with one process sends the run
+SIGTERM on Ctrl-C and kills it 5 s later (accelerate 1.16), torchrun's agent (2 or more processes) after 30 s.
 """
 
 from __future__ import annotations
 
 import signal
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+INTERRUPTED = "SIGINT"  # Ctrl-C: the run exits 130 after its checkpoint; after the others it exits 0
 
 
 class PreemptedBeforeTraining(BaseException):
@@ -49,7 +55,7 @@ class PreemptionRequest:
         return self.accelerator is not None
 
     def _on_signal(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name  # the first: a launcher may add SIGTERM
         if self.accelerator is None:
             raise PreemptedBeforeTraining(self.signal_name)
         self.accelerator.set_trigger()

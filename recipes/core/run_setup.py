@@ -17,23 +17,24 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from recipes.core import attention
 from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
 from recipes.core.checkpoint import TrainerState, checkpoints_in, continue_schedule, load_checkpoint, resume_settings
-from recipes.core.config import Config, ConfigError, default_block_size, parse_step_window
+from recipes.core.config import Config, ConfigError, default_block_size, parse_step_window, schedule_kwargs, trackers
 from recipes.core.data import build_datasets, load_raw_datasets
 from recipes.core.memory import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
-from recipes.core.metrics import TrainingMetrics
+from recipes.core.metrics import TrainingMetrics, progress_bars_wanted
 from recipes.core.optimizer_recipe import OptimizerRecipe
 from recipes.core.packing import PaddingCollator
 from recipes.core.preemption import PreemptionRequest
 from recipes.core.sources import load_model, load_model_config, load_tokenizer
 from recipes.core.stochastic_rounding import rounding_note
-from recipes.core.throughput import compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source
+from recipes.core.throughput import (compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source,
+                                     peak_remeasurer)
 from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
 from recipes.core.torch_compile import compile_decoder_blocks
 
@@ -74,6 +75,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     output_dir = Path(t.output_dir)
     accelerator = build_accelerator(config, recipe)
     memory_meter = PeakMemoryMeter(accelerator.device)  # from here on: the run's peak memory, by phase
+    progress_bar = progress_bars_wanted(t.disable_tqdm)
     set_seed(t.seed)
     raw = load_raw_datasets(config)
     tokenizer = load_tokenizer(config)
@@ -81,6 +83,11 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     block_size = config.data.block_size or default_block_size(model_config)
     train_loader, eval_loader, shuffle, data_summary = build_dataloaders(config, raw, tokenizer, block_size,
                                                                          accelerator)
+    total_steps = total_optimizer_steps(config, len(train_loader) // accelerator.num_processes)
+    resolve_step_counts(config, len(train_loader) // accelerator.num_processes, total_steps)
+    if t.lr_scheduler_type == "constant" and recipe.scheduler_warmup_steps(config) > 0:
+        raise ConfigError(f"--lr_scheduler_type constant has no warmup (transformers'), so the {t.warmup_steps} warmup "
+                          "step(s) asked for would not happen; use --lr_scheduler_type constant_with_warmup")
     model = load_model(config, model_config)
     attention.set_attention(model, config)
     attention_used = attention.attention_of(model)
@@ -97,9 +104,8 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
                                                getattr(embedding, "ds_numel", embedding.numel()), block_size)
     matmul_dtype = compute_dtype(accelerator.mixed_precision, model)  # what the CPU's MFU is measured against
-    total_steps = total_optimizer_steps(config, len(train_loader) // accelerator.num_processes)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
-                              num_training_steps=total_steps)
+                              num_training_steps=total_steps, scheduler_specific_kwargs=schedule_kwargs(t))
     model, optimizer, train_loader, eval_loader, scheduler = recipe.prepare(
         accelerator, model, optimizer, train_loader, eval_loader, scheduler)
     state = load_checkpoint(accelerator, resume_from) if resume_from else TrainerState()
@@ -115,14 +121,15 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
         resolved = config.to_dict() | {"block_size": block_size, "total_steps": total_steps,
                                        "attention": attention_used,
                                        "num_processes": accelerator.num_processes,
-                                       "distributed_type": str(accelerator.distributed_type),
+                                       "distributed_type": accelerator.distributed_type.value,
                                        "data_summary": data_summary.to_dict()}
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    if t.report_to != "none":
+    if trackers(t):
         flat = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in config.to_dict().items()}  # trackers
         accelerator.init_trackers(t.run_name or recipe.name, config=flat)
-    accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es) "
-                      f"({accelerator.distributed_type}), {parameter_count(model):,} parameters"
+    distributed = "" if accelerator.distributed_type == "NO" else f" ({accelerator.distributed_type.value})"
+    accelerator.print(f"{recipe.name}: {total_steps} steps on {accelerator.num_processes} process(es){distributed}, "
+                      f"{parameter_count(model):,} parameters"
                       + (f", resuming at step {state.step} from {resume_from}" if resume_from else "")
                       + schedule_note
                       + f"; {mfu_note(accelerator.device, matmul_dtype)}"
@@ -136,7 +143,8 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
                               flops_per_token=training_flops_per_token,
                               peak_flops=peak_flops(accelerator.device, matmul_dtype),
                               peak_flops_source=peak_flops_source(accelerator.device, matmul_dtype),
-                              memory=memory_meter)
+                              memory=memory_meter, progress_bar=progress_bar,
+                              remeasure_peak=peak_remeasurer(accelerator.device, matmul_dtype))
     return Run(recipe=recipe, config=config, accelerator=accelerator, model=model, optimizer=optimizer,
                scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, shuffle=shuffle,
                tokenizer=tokenizer, token_loss=token_loss, state=state, settings=settings, total_steps=total_steps,
@@ -153,12 +161,14 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
     t = config.train
     # A multi-process launch without CUDA (DeepSpeed on CPU) needs gloo named, or accelerate sees one process.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not torch.cuda.is_available():  # DeepSpeed would find out itself and warn, mid-run, into the log
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_process_cpu else []
     accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision="bf16" if t.bf16 else None,
-        log_with=None if t.report_to == "none" else t.report_to,
-        project_dir=t.output_dir,
+        mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else None,
+        log_with=trackers(t) or None,
+        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=t.logging_dir or t.output_dir),
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step, on every rank
         kwargs_handlers=handlers,
     )
@@ -199,9 +209,11 @@ def build_dataloaders(config: Config, raw, tokenizer, block_size: int, accelerat
     pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     collate = PaddingCollator(pad_token_id)
     shuffle = torch.Generator().manual_seed(t.seed)
+    workers = {"num_workers": t.dataloader_num_workers}
     train_loader = DataLoader(rows["train"], batch_size=t.per_device_train_batch_size, shuffle=True,
-                              generator=shuffle, collate_fn=collate, drop_last=True)
-    eval_loader = DataLoader(rows["validation"], batch_size=t.per_device_eval_batch_size, collate_fn=collate)
+                              generator=shuffle, collate_fn=collate, drop_last=True, **workers)
+    eval_loader = DataLoader(rows["validation"], batch_size=t.per_device_eval_batch_size, collate_fn=collate,
+                             **workers)
     return train_loader, eval_loader, shuffle, summary
 
 
@@ -210,6 +222,19 @@ def total_optimizer_steps(config: Config, batches_per_epoch: int) -> int:
     if t.max_steps > 0:
         return t.max_steps
     return max(1, math.ceil(math.ceil(batches_per_epoch / t.gradient_accumulation_steps) * t.num_train_epochs))
+
+
+def resolve_step_counts(config: Config, batches_per_epoch: int, total_steps: int) -> None:
+    """TrainingArguments' run-relative settings as step counts: --warmup_ratio as --warmup_steps, and the "epoch"
+    strategies as every epoch's number of optimizer steps (each epoch has the same)."""
+    t = config.train
+    if t.warmup_steps == 0 and t.warmup_ratio > 0:
+        t.warmup_steps = math.ceil(t.warmup_ratio * total_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    if t.eval_strategy == "epoch":
+        t.eval_steps = steps_per_epoch
+    if t.save_strategy == "epoch":
+        t.save_steps = steps_per_epoch
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -120,6 +120,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Opti
     return None if entry is None or entry[1] is None else entry[1] * 1e12
 
 
+def peak_remeasurer(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[Callable[[], float]]:
+    """For a measured peak (a CPU's), a function that measures it again as at start-up; None for a table's."""
+    if device.type != "cpu" or dtype not in MEASURED_CPU_DTYPES:
+        return None
+    shape = startup_cpu_matmul(dtype)[1]
+    return lambda: cpu_matmul_flops(dtype, shape)
+
+
 def peak_flops_source(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[str]:
     """What `peak_flops` is, for results.json: "measured cpu bf16 matmul", "table: H100 dense bf16", or None."""
     if peak_flops(device, dtype) is None:
@@ -150,6 +158,19 @@ def slow_bf16_warning(dtype: torch.dtype) -> str:
             "and on GPUs)")
 
 
+def idle_cores_warning() -> str:
+    """`accelerate launch` without a config file sets OMP_NUM_THREADS=1: one process then uses one core of many."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    import psutil  # accelerate's dependency; physical cores, as accelerate and torch count them
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if torch.get_num_threads() * processes_here >= cores:
+        return ""
+    return (f"\nwarning: {torch.get_num_threads()} thread(s) x {processes_here} process(es) on {cores} cores "
+            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}): run with python, or give accelerate "
+            f"launch --config_file accelerate_configs/cpu.yaml (or --num_cpu_threads_per_process {cores // processes_here})")
+
+
 def mfu_note(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Said once at start-up."""
     peak = peak_flops(device, dtype)
@@ -160,7 +181,7 @@ def mfu_note(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         shape = f"{m}^3" if m == k == n else f"{m}x{k}x{n}"
         note = (f"MFU against this CPU's measured {DTYPE_NAMES[dtype]} matmul rate ({peak / 1e9:,.1f} GFLOP/s, "
                 f"{shape}, {torch.get_num_threads()} thread(s), measured at start-up)")
-        return note + slow_bf16_warning(dtype)
+        return note + slow_bf16_warning(dtype) + idle_cores_warning()
     if device.type != "cuda":
         return f"no MFU on a {device.type} device"
     if peak is not None:

@@ -7,13 +7,14 @@ It changes nothing unless one of these is set:
   the meta device) returns NaN logits (with the chunked loss: NaN per-row losses), so the loss is NaN.
 - INJECT_SLOW_MODEL_LOAD=FILE: the recipe's model loading touches FILE, then sleeps a minute, so a test can signal
   a run before its first step.
+- INJECT_SLOW_STEPS=FILE: from the 3rd training forward pass on, each touches FILE and takes a second longer, so a
+  test can signal a run in the middle of training, every process alike.
 """
 
 import os
+import time
 
 if os.environ.get("INJECT_SLOW_SAVE"):
-    import time
-
     import accelerate
 
     _save_state = accelerate.Accelerator.save_state
@@ -46,8 +47,6 @@ if os.environ.get("INJECT_NAN_AT_STEP"):
     modeling_llama.LlamaForCausalLM.forward = forward
 
 if os.environ.get("INJECT_SLOW_MODEL_LOAD"):
-    import time
-
     from recipes.core import sources
 
     _load_model = sources.load_model
@@ -59,3 +58,19 @@ if os.environ.get("INJECT_SLOW_MODEL_LOAD"):
         return _load_model(*args, **kwargs)
 
     sources.load_model = load_model
+
+if os.environ.get("INJECT_SLOW_STEPS"):
+    from transformers.models.llama import modeling_llama
+
+    _forward_of_steps = modeling_llama.LlamaForCausalLM.forward
+    _forwards = [0]
+
+    def slow_forward(self, *args, **kwargs):
+        if self.training and self.lm_head.weight.device.type != "meta":
+            _forwards[0] += 1
+            if _forwards[0] >= 3:
+                open(os.environ["INJECT_SLOW_STEPS"], "w").close()
+                time.sleep(1)
+        return _forward_of_steps(self, *args, **kwargs)
+
+    modeling_llama.LlamaForCausalLM.forward = slow_forward
