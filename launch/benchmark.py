@@ -57,7 +57,7 @@ class StepClock:
     """`tick()` at the end of every optimizer step: step times, and the peak memory after the first step."""
 
     def __init__(self, device):
-        from recipes.core.memory import PeakMemoryMeter
+        from optimizer_recipes.core.memory import PeakMemoryMeter
 
         self.meter, self.ticks, self.peak = PeakMemoryMeter(device), [], None
 
@@ -77,7 +77,7 @@ class StepClock:
 
 
 def recipe_and_config(name: str, args, output_dir: str):
-    from recipes.core.config import parse_config
+    from optimizer_recipes.core.config import parse_config
 
     recipe = importlib.import_module(f"recipes.{name}").RECIPE
     return recipe, recipe_argv(args, output_dir), parse_config(recipe, recipe_argv(args, output_dir))
@@ -95,7 +95,7 @@ def token_blocks(model_dir: str, block_size: int):
     import torch
     from transformers import AutoTokenizer
 
-    from recipes.core.embedded import train_documents
+    from optimizer_recipes.core.embedded import train_documents
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = [i for doc in train_documents() for i in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
@@ -105,7 +105,7 @@ def token_blocks(model_dir: str, block_size: int):
 
 def start_tracker(model, optimizer):
     """MemTracker over one step, entered here, categorizing as `--profile_memory` does."""
-    from recipes.core.memory import memory_tracker
+    from optimizer_recipes.core.memory import memory_tracker
 
     tracker = memory_tracker(model, optimizer)
     tracker.__enter__()
@@ -113,7 +113,7 @@ def start_tracker(model, optimizer):
 
 
 def tensor_peak(tracker) -> dict:
-    from recipes.core.memory import categorize
+    from optimizer_recipes.core.memory import categorize
 
     device, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
     return {"total": peak.get("Total", 0), **categorize(peak)}
@@ -123,7 +123,7 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    from recipes.core.token_loss import build_token_loss
+    from optimizer_recipes.core.token_loss import build_token_loss
 
     recipe, _, config = recipe_and_config(name, args, output_dir)
     t = config.train
@@ -132,7 +132,7 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
     token_loss, _ = build_token_loss(model, t.chunked_loss)  # the recipes' loss: the loop is what is compared
     if args.compile:
-        from recipes.core.torch_compile import compile_decoder_blocks
+        from optimizer_recipes.core.torch_compile import compile_decoder_blocks
 
         compile_decoder_blocks(model, None)
     optimizer = recipe.build(model, config)
@@ -173,7 +173,7 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
 
 
 def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
-    from recipes.core.loop import main
+    from optimizer_recipes.core.loop import main
 
     recipe, argv, _ = recipe_and_config(name, args, output_dir)
     untimed_step = recipe.step
@@ -447,9 +447,9 @@ def main(argv=None) -> None:
     if not args.output_dir:
         parser.error("--output_dir is required")
 
-    from recipes.core.embedded import write_scaled_model
-    from recipes.core.memory_estimate import meta_model
-    from recipes.core.throughput import hardware
+    from optimizer_recipes.core.embedded import write_scaled_model
+    from optimizer_recipes.core.memory_estimate import meta_model
+    from optimizer_recipes.core.throughput import hardware
 
     folder = Path(args.output_dir)
     (folder / "runs").mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ import argparse
 import torch
 from transformers.hf_argparser import string_to_bool
 
-from recipes.core.memory_check import PROCESS_BASELINE
-from recipes.core.memory_estimate import PRECISIONS, estimate_each, meta_model
-from recipes.core.optimizer_recipe import all_recipes
+from optimizer_recipes.core.memory_check import PROCESS_BASELINE
+from optimizer_recipes.core.memory_estimate import PRECISIONS, estimate_each, meta_model
+from optimizer_recipes.core.optimizer_recipe import all_recipes
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "loss_temporaries",
               "training", "evaluation", "total")

@@ -48,7 +48,7 @@ WARMUP_STEPS = 3  # the first steps (allocator growth, kernel selection, compila
 
 
 def write_corpus(path: Path, repeats: int) -> int:
-    from recipes.core.embedded import train_documents
+    from optimizer_recipes.core.embedded import train_documents
 
     documents = train_documents() * repeats
     path.write_text("".join(doc + "\n" for doc in documents))
@@ -73,8 +73,8 @@ def precision_of(flags: list[str]) -> str:
 def estimated_gib(recipe_name: str, model: Path, flags: list[str], batch: int, block: int) -> float:
     from transformers import AutoConfig
 
-    from recipes.core.memory_estimate import estimate, meta_model
-    from recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.optimizer_recipe import all_recipes
 
     recipe = next(r for r in all_recipes() if r.name == recipe_name)
     e = estimate(recipe, meta_model(None, config=AutoConfig.from_pretrained(model)), precision_of(flags), batch,
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     import transformers
 
     from launch.make_model import write_model
-    from recipes.core.throughput import hardware
+    from optimizer_recipes.core.throughput import hardware
 
     work, report_dir = Path(args.work_dir), Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
-from recipes.core.config import ConfigError  # noqa: E402
-from recipes.core.gguf_source import INSTALL_PACKAGED_MODEL, check_file, import_folder, packaged_model_file  # noqa: E402
-from recipes.core.sources import DTYPES  # noqa: E402
+from optimizer_recipes.core.config import ConfigError  # noqa: E402
+from optimizer_recipes.core.gguf_source import INSTALL_PACKAGED_MODEL, check_file, import_folder, packaged_model_file  # noqa: E402
+from optimizer_recipes.core.sources import DTYPES  # noqa: E402
 
 
 def main(argv=None) -> None:

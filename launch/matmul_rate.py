@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from recipes.core.throughput import CpuMatmul, hardware
+    from optimizer_recipes.core.throughput import CpuMatmul, hardware
 
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

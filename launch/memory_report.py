@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
-from recipes.core.embedded import generate_corpus, write_scaled_model  # noqa: E402
-from recipes.core.memory import CATEGORIES  # noqa: E402
-from recipes.core.memory_estimate import estimate, meta_model  # noqa: E402
-from recipes.core.optimizer_recipe import all_recipes  # noqa: E402
-from recipes.core.throughput import hardware  # noqa: E402
+from optimizer_recipes.core.embedded import generate_corpus, write_scaled_model  # noqa: E402
+from optimizer_recipes.core.memory import CATEGORIES  # noqa: E402
+from optimizer_recipes.core.memory_estimate import estimate, meta_model  # noqa: E402
+from optimizer_recipes.core.optimizer_recipe import all_recipes  # noqa: E402
+from optimizer_recipes.core.throughput import hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ESTIMATED = ("parameters", "gradients", "optimizer_state", "activations")
@@ -47,9 +47,9 @@ LOSSES = {"true": ("chunked",), "false": ("whole",), "both": ("chunked", "whole"
 def write_corpus(path: Path, args) -> int:
     """Generated documents with enough tokens for every training step and one evaluation batch of full rows;
     returns the share of them (%) to hold out for validation."""
-    from recipes.adamw import RECIPE
-    from recipes.core.config import parse_config
-    from recipes.core.sources import load_tokenizer
+    from optimizer_recipes.adamw import RECIPE
+    from optimizer_recipes.core.config import parse_config
+    from optimizer_recipes.core.sources import load_tokenizer
 
     tokenizer = load_tokenizer(parse_config(RECIPE, ["--output_dir", str(path.parent / "unused")] + (
         ["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else [])))

@@ -78,8 +78,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs_dir", default=None, help="each run's folder; default output_dir/runs")
     args = parser.parse_args(argv)
 
-    from recipes.core.optimizer_recipe import all_recipes
-    from recipes.core.throughput import hardware
+    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.throughput import hardware
 
     earlier = json.loads(Path(args.comparison).read_text())
     protocol = argparse.Namespace(**{k: earlier["arguments"][k] for k in PROTOCOL},

@@ -36,7 +36,7 @@ PHASES = ("loading", "training", "evaluation", "saving")
 
 def write_text_data(path: Path, documents: int) -> None:
     """A small plain-text file of the embedded corpus: 5% of it (at least one line) is held out for evaluation."""
-    from recipes.core.embedded import train_documents
+    from optimizer_recipes.core.embedded import train_documents
 
     path.write_text("".join(doc + "\n" for doc in train_documents()[:documents]))
 
@@ -83,9 +83,9 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from recipes.core.memory_check import PROCESS_BASELINE
-    from recipes.core.memory_estimate import estimate, meta_model
-    from recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.memory_check import PROCESS_BASELINE
+    from optimizer_recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.optimizer_recipe import all_recipes
 
     recipe = next(r for r in all_recipes() if r.name == recipe_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,7 +98,7 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
 
 
 def report(rows: dict, args, shape: str, parameters: int) -> str:
-    from recipes.core.throughput import hardware
+    from optimizer_recipes.core.throughput import hardware
 
     lines = [f"# {shape} fully fine-tuned: every phase's peak against the estimate", "",
              f"{parameters / 1e9:.2f}B parameters (random weights), bf16 weights, gradient checkpointing, micro-batch "
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
 
     parameters = made["parameters"] if made else None
     if parameters is None:
-        from recipes.core.memory_estimate import meta_model
+        from optimizer_recipes.core.memory_estimate import meta_model
 
         parameters = sum(p.numel() for p in meta_model(None, config=AutoConfig.from_pretrained(model)).parameters())
     (report_dir / "report.json").write_text(json.dumps({"shape": args.shape, "parameters": parameters,

@@ -1,4 +1,7 @@
-"""Fine-tuning recipes for specialised optimizers, one script each, sharing one Accelerate loop (recipes.core)."""
+"""Fine-tuning recipes for specialised optimizers, one script each, sharing one Accelerate loop (core/).
+
+Installed as the package `optimizer_recipes` (pyproject.toml maps it onto this folder), a name nothing else on the
+path takes: torchtune, for one, installs a top-level package named `recipes`."""
 
 import os
 import signal

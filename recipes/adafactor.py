@@ -15,8 +15,8 @@ Built with relative_step=False, scale_parameter=False, warmup_init=False, so --l
 
 from transformers.optimization import Adafactor
 
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, factored_numel,
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, factored_numel,
                                            refuse_flattened_partitions)
 
 

@@ -19,9 +19,9 @@ ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters 
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
-from recipes.core.lomo_updates import LinearTimeAdaLomo
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel, largest_numel
+from optimizer_recipes.core.lomo_updates import LinearTimeAdaLomo
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel, largest_numel
 
 
 class AdaLomoRecipe(FusedBackwardRecipe):

@@ -13,8 +13,8 @@ checkpoints do not resume exactly (docs/distributed.md).
 
 import torch
 
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel
 
 
 class AdamWRecipe(OptimizerRecipe):

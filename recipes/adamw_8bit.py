@@ -19,8 +19,8 @@ process-wide GlobalOptimManager, which keys parameters by id() (reused by a late
 Install: pip install -e ".[bnb]".
 """
 
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
                                            refuse_flattened_partitions)
 
 BLOCK = 256  # elements per quantization block (bitsandbytes' blockwise 8-bit optimizers)

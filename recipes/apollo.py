@@ -25,8 +25,8 @@ Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only); it is an option
 project: pip install -e ".[apollo]".
 """
 
-from recipes.core.loop import main
-from recipes.core.low_rank import LowRankRecipe
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.low_rank import LowRankRecipe
 
 
 class ApolloRecipe(LowRankRecipe):
@@ -74,7 +74,7 @@ class ApolloRecipe(LowRankRecipe):
                 "update_proj_gap": o.apollo_update_interval, "scale": o.apollo_scale, "proj_type": o.apollo_proj_type}
 
     def build_optimizer(self, groups, config):
-        from recipes.core.low_rank_fixes import apollo_adamw
+        from optimizer_recipes.core.low_rank_fixes import apollo_adamw
 
         t, o = config.train, config.optim
         return apollo_adamw()(groups, lr=t.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)

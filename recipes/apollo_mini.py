@@ -12,8 +12,8 @@ only, DDP). Refuses: DeepSpeed ZeRO and FSDP (see recipes/apollo.py).
 Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only): pip install -e ".[apollo]".
 """
 
-from recipes.apollo import ApolloRecipe
-from recipes.core.loop import main
+from optimizer_recipes.apollo import ApolloRecipe
+from optimizer_recipes.core.loop import main
 
 
 class ApolloMiniRecipe(ApolloRecipe):

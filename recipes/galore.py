@@ -22,8 +22,8 @@ projector as an object that a resume (torch.load with weights_only=True) refuses
 update inside backward, galore_adamw_layerwise) is not offered. Install: pip install -e ".[galore]".
 """
 
-from recipes.core.loop import main
-from recipes.core.low_rank import LowRankRecipe
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.low_rank import LowRankRecipe
 
 
 class GaLoreRecipe(LowRankRecipe):
@@ -60,7 +60,7 @@ class GaLoreRecipe(LowRankRecipe):
                 "proj_type": o.galore_proj_type}
 
     def build_optimizer(self, groups, config):
-        from recipes.core.low_rank_fixes import galore_adamw
+        from optimizer_recipes.core.low_rank_fixes import galore_adamw
 
         t, o = config.train, config.optim
         return galore_adamw()(groups, lr=t.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,

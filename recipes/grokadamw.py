@@ -22,9 +22,9 @@ Memory: 3 state tensors per parameter, kept on the CPU by grokadamw 0.1.2.
 
 import math
 
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
-from recipes.core.optimizer_wrappers import unwrap_optimizer
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
+from optimizer_recipes.core.optimizer_wrappers import unwrap_optimizer
 
 
 class GrokAdamWRecipe(OptimizerRecipe):
@@ -61,7 +61,7 @@ class GrokAdamWRecipe(OptimizerRecipe):
 
     def build(self, model, config):
         # Imported here, after `recipes` is: run as a script, this file would otherwise shadow the package.
-        from recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
+        from optimizer_recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
 
         t, o = config.train, config.optim
         return GrokAdamWWithCheckpointableState(decay_parameter_groups(model, t.weight_decay), lr=t.learning_rate,

@@ -19,9 +19,9 @@ ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters 
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
-from recipes.core import lomo_updates
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import FusedBackwardRecipe, largest_numel
+from optimizer_recipes.core import lomo_updates
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, largest_numel
 
 
 class LomoRecipe(FusedBackwardRecipe):

@@ -16,10 +16,10 @@ Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own
 
 import schedulefree
 
-from recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
-from recipes.core.schedule_free_fixes import FirstStepInAnyMode
+from optimizer_recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
+from optimizer_recipes.core.schedule_free_fixes import FirstStepInAnyMode
 
 
 class SGDScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefree.SGDScheduleFree):

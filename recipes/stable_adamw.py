@@ -15,8 +15,8 @@ Refuses: DeepSpeed ZeRO (its flat partitions would clip one partition of many te
 Install: pip install -e ".[optimi]".
 """
 
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
 
 
 class StableAdamWRecipe(OptimizerRecipe):

@@ -20,14 +20,14 @@ import torch.distributed as dist
 from lomo_optim import Lomo
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from recipes.adalomo import AdaLomoRecipe
-from recipes.core import engine_free_zero3
-from recipes.core.config import parse_config
-from recipes.core.embedded import EMBEDDED_DIR
-from recipes.core.lomo_fixes import AdaLomoOnModelDevice
-from recipes.core.loop import exit_before_interpreter_teardown
-from recipes.core.run_setup import build_accelerator
-from recipes.lomo import LomoRecipe
+from optimizer_recipes.adalomo import AdaLomoRecipe
+from optimizer_recipes.core import engine_free_zero3
+from optimizer_recipes.core.config import parse_config
+from optimizer_recipes.core.embedded import EMBEDDED_DIR
+from optimizer_recipes.core.lomo_fixes import AdaLomoOnModelDevice
+from optimizer_recipes.core.loop import exit_before_interpreter_teardown
+from optimizer_recipes.core.run_setup import build_accelerator
+from optimizer_recipes.lomo import LomoRecipe
 
 STEPS = 3
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from accelerate.utils import imports
 
-from recipes.adamw import RECIPE
-from recipes.core.config import parse_config
-from recipes.core.run_setup import build_accelerator
+from optimizer_recipes.adamw import RECIPE
+from optimizer_recipes.core.config import parse_config
+from optimizer_recipes.core.run_setup import build_accelerator
 
 
 def test_optimizer_steps_do_not_look_up_packages(tmp_path, monkeypatch, fresh_accelerate_state):

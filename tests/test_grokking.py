@@ -134,7 +134,7 @@ def test_grokadamw_moments_are_torchs_optimizer_state():
     from grokadamw import GrokAdamW
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-    from recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
+    from optimizer_recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
 
     def after_a_step_and_a_checkpoint_init(optimizer_class):
         torch.manual_seed(0)

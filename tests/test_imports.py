@@ -1,6 +1,6 @@
 """The project's modules import each other without a circle, and the configuration is the lowest floor.
 
-Imports are read from the source (every `import recipes...` / `from recipes... import`, at the top of a module or
+Imports are read from the source (every `import optimizer_recipes...` / `from optimizer_recipes... import`, at the top of a module or
 inside a function; `if TYPE_CHECKING:` blocks are type hints only and left out).
 """
 
@@ -15,7 +15,8 @@ PACKAGE = REPO / "recipes"
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+    """recipes/core/loop.py -> optimizer_recipes.core.loop (the folder is installed under the package's name)."""
+    parts = ("optimizer_recipes", *path.relative_to(PACKAGE).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -27,14 +28,14 @@ def project_imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in type_only:
             continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("recipes"):
-            for alias in node.names:  # `from recipes.core import embedded` imports the module recipes.core.embedded
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optimizer_recipes"):
+            for alias in node.names:  # `from optimizer_recipes.core import embedded` imports the module optimizer_recipes.core.embedded
                 candidate = f"{node.module}.{alias.name}"
-                found.add(candidate if (PACKAGE.parent / (candidate.replace(".", "/") + ".py")).is_file()
+                found.add(candidate if (PACKAGE / (candidate.split(".", 1)[1].replace(".", "/") + ".py")).is_file()
                           else node.module)
         elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("recipes")}
-    return found - {"recipes", "recipes.core"}
+            found |= {alias.name for alias in node.names if alias.name.startswith("optimizer_recipes")}
+    return found - {"optimizer_recipes", "optimizer_recipes.core"}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -67,15 +68,35 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_module_imports_itself_through_others():
     graph = import_graph()
-    assert "recipes.core.loop" in graph and graph["recipes.core.loop"]  # the graph was read
+    assert "optimizer_recipes.core.loop" in graph and graph["optimizer_recipes.core.loop"]  # the graph was read
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
 
 def test_the_configuration_imports_nothing_that_reads_it():
-    assert import_graph()["recipes.core.config"] <= {"recipes.core.launch_setup"}
+    assert import_graph()["optimizer_recipes.core.config"] <= {"optimizer_recipes.core.launch_setup"}
 
 
 def test_a_cycle_is_found_when_there_is_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_package_named_recipes_on_the_path_does_not_shadow_the_project(tmp_path):
+    """torchtune's wheel installs a top-level `recipes` whose __init__ raises; ahead of everything on the path, the
+    recipes still run: the importable package is `optimizer_recipes` (pyproject.toml's package-dir)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import offline_env
+
+    stand_in = tmp_path / "site" / "recipes"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text('raise ModuleNotFoundError("The torchtune recipes directory isn\'t a '
+                                          'package and you should not import anything from here")\n')
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "adamw.py"), "--help"], cwd=tmp_path,
+                          env=offline_env(PYTHONPATH=str(stand_in.parent)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--learning_rate" in proc.stdout, proc.stderr[-2000:]
+    probe = subprocess.run([sys.executable, "-c", "import recipes"], cwd=tmp_path,
+                           env=offline_env(PYTHONPATH=str(stand_in.parent)), capture_output=True, text=True)
+    assert "torchtune recipes directory" in probe.stderr  # the stand-in was first on the path

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from recipes.core.embedded import write_scaled_model
-from recipes.core.optimizer_recipe import RECIPE_NAMES, FusedBackwardRecipe, all_recipes
+from optimizer_recipes.core.embedded import write_scaled_model
+from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, FusedBackwardRecipe, all_recipes
 from tests.conftest import REAL_MODEL_BLOCK, REPO, offline_env, read_metrics, run_here, shared_output
 
 # A second size where hidden >= 256, so factored moments are small next to the matrices they describe.
@@ -40,7 +40,7 @@ def profiled_in_process(out: Path) -> None:
     sys.path.insert(0, str(REPO / "launch"))
     import memory_report as tool
 
-    from recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory_estimate import estimate, meta_model
 
     settings = argparse.Namespace(model_name_or_path=None, max_steps=3, per_device_train_batch_size=8,
                                   per_device_eval_batch_size=8, block_size=64)
@@ -155,7 +155,7 @@ def test_estimate_command_prints_every_recipe_side_by_side():
 def test_estimate_agrees_with_the_real_models_whole_run_peak(real_model_runs, real_model, loss):
     """SmolLM2-135M-Instruct, LOMO, 1 x 512 tokens: the run's tensor peak (a training step's or
     the evaluation's) as the estimator computes it from the config alone."""
-    from recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory_estimate import estimate, meta_model
 
     measured = json.loads((real_model_runs[loss] / "memory_profile.json").read_text())
     validation_rows = yaml.safe_load((real_model_runs[loss] / "run_config.yaml").read_text())["data_summary"][

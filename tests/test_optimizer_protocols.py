@@ -7,12 +7,12 @@ import schedulefree
 import torch
 from safetensors.torch import load_file
 
-from recipes.core.config import parse_config
-from recipes.core.deepspeed_fixes import GROUP_COUNTERS
-from recipes.core.loop import train
-from recipes.lomo import LomoRecipe
-from recipes.schedule_free_adamw import AdamWScheduleFree, ScheduleFreeAdamWRecipe
-from recipes.schedule_free_sgd import SGDScheduleFree
+from optimizer_recipes.core.config import parse_config
+from optimizer_recipes.core.deepspeed_fixes import GROUP_COUNTERS
+from optimizer_recipes.core.loop import train
+from optimizer_recipes.lomo import LomoRecipe
+from optimizer_recipes.schedule_free_adamw import AdamWScheduleFree, ScheduleFreeAdamWRecipe
+from optimizer_recipes.schedule_free_sgd import SGDScheduleFree
 from tests.conftest import read_metrics, run_here, train_losses
 
 

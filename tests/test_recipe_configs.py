@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from recipes.core.config import ConfigError, parse_config
-from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from optimizer_recipes.core.config import ConfigError, parse_config
+from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
 from tests.conftest import REPO
 
 RECIPES = {r.name: r for r in all_recipes()}

@@ -14,11 +14,11 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.core.config import parse_config
-from recipes.core.data import load_raw_datasets
-from recipes.core.loop import evaluate
-from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from recipes.core.run_setup import build_dataloaders
+from optimizer_recipes.core.config import parse_config
+from optimizer_recipes.core.data import load_raw_datasets
+from optimizer_recipes.core.loop import evaluate
+from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from optimizer_recipes.core.run_setup import build_dataloaders
 from tests.conftest import (CONFIGS, REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
                             train_losses)
 
@@ -75,7 +75,7 @@ def test_default_run_needs_no_flags(tmp_path):
 
 def test_trains_from_local_jsonl_with_text_field(tmp_path):
     data = tmp_path / "train.jsonl"
-    from recipes.core.embedded import generate_corpus
+    from optimizer_recipes.core.embedded import generate_corpus
 
     with data.open("w") as f:
         for doc in generate_corpus(300, seed=7):
@@ -148,7 +148,7 @@ def test_train_in_process_puts_back_the_signal_handlers_it_replaced(tmp_path, fr
     the run returns or raises."""
     import signal
 
-    from recipes.core import loop
+    from optimizer_recipes.core import loop
 
     recipe = {r.name: r for r in all_recipes()}["adamw"]
 
@@ -211,7 +211,7 @@ def test_every_offered_schedule_trains_three_steps(tmp_path):
     import torch
     from transformers import get_scheduler
 
-    from recipes.core.config import SCHEDULE_NEEDS, offered_schedules
+    from optimizer_recipes.core.config import SCHEDULE_NEEDS, offered_schedules
 
     def expected_lrs(schedule: str, warmup: int, kwargs: dict) -> list[float]:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)

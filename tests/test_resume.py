@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.core.loop import main
-from recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
 from tests.conftest import (CONFIGS, REPO, assert_shared_launch_ran, cpu_env, free_port, launch, offline_env,
                             read_metrics, results, run_flags, run_here, shared_output, smoke, two_process_run)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.core.config import parse_config
-from recipes.core.optimizer_recipe import FusedBackwardRecipe, all_recipes
-from recipes.core.sources import load_model, load_model_config
-from recipes.core.stochastic_rounding import RoundingNoise, StepsEachTensorInFp32
+from optimizer_recipes.core.config import parse_config
+from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, all_recipes
+from optimizer_recipes.core.sources import load_model, load_model_config
+from optimizer_recipes.core.stochastic_rounding import RoundingNoise, StepsEachTensorInFp32
 from tests.conftest import (assert_shared_launch_ran, read_metrics, results, run_flags, run_here, train_losses,
                             two_process_run)
 
@@ -157,7 +157,7 @@ def test_the_estimator_counts_what_stochastic_rounding_holds(recipe, tmp_path):
     and one tensor's fp32 stand-in, gradient and noise join the step; measured with MemTracker, within 10%."""
     import json
 
-    from recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory_estimate import estimate, meta_model
 
     out = tmp_path / "out"
     run_here(recipe, *BF16, "--max_steps", "3", "--save_steps", "0", "--profile_memory", "true", "--output_dir",

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-from recipes.core.config import ConfigError
+from optimizer_recipes.core.config import ConfigError
 
 
 def keep_fsdp_on_cpu(accelerator: Accelerator) -> None:

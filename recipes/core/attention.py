@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from recipes.core.sources import offline_variable
+from optimizer_recipes.core.sources import offline_variable
 
 if TYPE_CHECKING:
-    from recipes.core.config import Config
+    from optimizer_recipes.core.config import Config
 
 BUILT_IN = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 # Packed rows keep their examples apart through position_ids; these attentions read them (the others would let

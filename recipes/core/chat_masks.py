@@ -21,8 +21,8 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from recipes.core.config import ConfigError
-from recipes.core.data_formats import Conversation, PromptCompletion, RowError
+from optimizer_recipes.core.config import ConfigError
+from optimizer_recipes.core.data_formats import Conversation, PromptCompletion, RowError
 
 IGNORE_INDEX = -100  # the label of a token the loss skips (transformers' and PyTorch's convention)
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")

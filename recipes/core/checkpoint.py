@@ -17,8 +17,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from recipes.core.accelerate_fixes import checkpoint_weights_loaded_in_place
-from recipes.core.config import MODEL_FILES, Config, ConfigError
+from optimizer_recipes.core.accelerate_fixes import checkpoint_weights_loaded_in_place
+from optimizer_recipes.core.config import MODEL_FILES, Config, ConfigError
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

@@ -1,16 +1,16 @@
 """Which recipe runs under which accelerate config file, from the recipes' own refusals.
 
-`python -m recipes.core.compatibility` prints the Markdown table the README shows; tests/test_distributed.py checks
+`python -m optimizer_recipes.core.compatibility` prints the Markdown table the README shows; tests/test_distributed.py checks
 that the README holds exactly this table and launches every cell, so the table cannot drift from the code.
 """
 
 from __future__ import annotations
 
 
-from recipes.core.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
-from recipes.core.launch_setup import LaunchSetup
-from recipes.core.memory_check import CONFIG_DIR
-from recipes.core.optimizer_recipe import OptimizerRecipe, all_recipes
+from optimizer_recipes.core.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
+from optimizer_recipes.core.launch_setup import LaunchSetup
+from optimizer_recipes.core.memory_check import CONFIG_DIR
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, all_recipes
 DISTRIBUTED_CONFIGS = ("multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp2.yaml")
 
 

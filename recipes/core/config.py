@@ -21,10 +21,10 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
 
-from recipes.core.launch_setup import LaunchSetup
+from optimizer_recipes.core.launch_setup import LaunchSetup
 
 if TYPE_CHECKING:
-    from recipes.core.optimizer_recipe import OptimizerRecipe
+    from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe
 
 # local data files load with the `datasets` builder of this name
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}

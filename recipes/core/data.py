@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from recipes.core import embedded
-from recipes.core.chat_masks import IGNORE_INDEX, tokenize_example
-from recipes.core.config import Config, ConfigError, data_file_builder
-from recipes.core.data_formats import ANSWER_ONLY_FLAG, RowError, conversation_of, detect_format, trains_on_answers_only
-from recipes.core.packing import concatenate_into_blocks, pack_examples
+from optimizer_recipes.core import embedded
+from optimizer_recipes.core.chat_masks import IGNORE_INDEX, tokenize_example
+from optimizer_recipes.core.config import Config, ConfigError, data_file_builder
+from optimizer_recipes.core.data_formats import ANSWER_ONLY_FLAG, RowError, conversation_of, detect_format, trains_on_answers_only
+from optimizer_recipes.core.packing import concatenate_into_blocks, pack_examples
 
 ROW_NUMBER = "_row_number"  # a column added to every split: each row's 1-based position as loaded
 

@@ -15,8 +15,8 @@ import csv
 import json
 from pathlib import Path
 
-from recipes.core.config import DATA_FILE_BUILDERS, ConfigError
-from recipes.core.data_formats import FORMAT_COLUMNS
+from optimizer_recipes.core.config import DATA_FILE_BUILDERS, ConfigError
+from optimizer_recipes.core.data_formats import FORMAT_COLUMNS
 
 
 def data_files_in(path: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from recipes.core.config import ConfigError
+from optimizer_recipes.core.config import ConfigError
 
 FORMATS = ("text", "prompt_completion", "messages", "alpaca")
 # The columns that identify each format (one of the alternatives must be present)

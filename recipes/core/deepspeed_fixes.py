@@ -15,7 +15,7 @@ break schedule-free there:
 
 from __future__ import annotations
 
-from recipes.core.optimizer_wrappers import unwrap_optimizer
+from optimizer_recipes.core.optimizer_wrappers import unwrap_optimizer
 
 # the per-group values schedule-free's step() advances (schedulefree 1.4: AdamWScheduleFree, SGDScheduleFree)
 GROUP_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
@@ -72,7 +72,7 @@ def _zero_optimizer(optimizer):
 
 def _stepped_each_tensor(optimizer):
     """The StepsEachTensorInFp32 among the wrappers, or None."""
-    from recipes.core.stochastic_rounding import StepsEachTensorInFp32
+    from optimizer_recipes.core.stochastic_rounding import StepsEachTensorInFp32
 
     while optimizer is not None and not isinstance(optimizer, StepsEachTensorInFp32):
         optimizer = getattr(optimizer, "optimizer", None)

@@ -2,7 +2,7 @@
 
 The tokenizer and model config live in `recipes/embedded_default/` and load with `from_pretrained` like any local
 folder. The corpus is generated here, deterministically, from a small grammar: enough structure that the loss falls
-visibly within a few dozen steps. `python -m recipes.core.embedded` rebuilds the folder from this code.
+visibly within a few dozen steps. `python -m optimizer_recipes.core.embedded` rebuilds the folder from this code.
 """
 
 from __future__ import annotations

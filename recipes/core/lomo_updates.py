@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from lomo_optim import Lomo
 
-from recipes.core.lomo_fixes import AdaLomoOnModelDevice
+from optimizer_recipes.core.lomo_fixes import AdaLomoOnModelDevice
 
 UPDATE_CHUNK = 1 << 24  # elements of a 16-bit LOMO update upcast at once: 64 MiB per fp32 temporary
 

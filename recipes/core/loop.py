@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from recipes.core import attention, torch_compile
-from recipes.core.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
-from recipes.core.config import Config, ConfigError, parse_config
-from recipes.core.memory_check import check_memory
-from recipes.core.optimizer_recipe import OptimizerRecipe
-from recipes.core.preemption import INTERRUPTED, PreemptedBeforeTraining, PreemptionRequest
-from recipes.core.replicas import replicas_identical
-from recipes.core.run_setup import Run, set_up
-from recipes.core.sources import check_sources, load_model_config, model_class
-from recipes.core.token_loss import FullLogitsLoss
-from recipes.core.torch_compile import compile_summary
+from optimizer_recipes.core import attention, torch_compile
+from optimizer_recipes.core.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
+from optimizer_recipes.core.config import Config, ConfigError, parse_config
+from optimizer_recipes.core.memory_check import check_memory
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe
+from optimizer_recipes.core.preemption import INTERRUPTED, PreemptedBeforeTraining, PreemptionRequest
+from optimizer_recipes.core.replicas import replicas_identical
+from optimizer_recipes.core.run_setup import Run, set_up
+from optimizer_recipes.core.sources import check_sources, load_model_config, model_class
+from optimizer_recipes.core.token_loss import FullLogitsLoss
+from optimizer_recipes.core.torch_compile import compile_summary
 
 
 def main(recipe: OptimizerRecipe, argv: list[str] | None = None) -> None:

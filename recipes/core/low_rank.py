@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from recipes.core.optimizer_recipe import OptimizerRecipe, numel, parameter_roles, refuse_flattened_partitions
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, numel, parameter_roles, refuse_flattened_partitions
 
 if TYPE_CHECKING:
-    from recipes.core.config import Config
+    from optimizer_recipes.core.config import Config
 
 ALL_LINEAR = "all-linear"
 
@@ -76,7 +76,7 @@ class LowRankRecipe(OptimizerRecipe):
             instead="multi_gpu.yaml")
 
     def refuse_model(self, config: Config, model_config) -> Optional[str]:
-        from recipes.core.memory_estimate import meta_model
+        from optimizer_recipes.core.memory_estimate import meta_model
 
         patterns = config.optim.optim_target_modules
         model = meta_model(None, config.model.trust_remote_code, config=model_config)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.core.optimizer_wrappers import unwrap_optimizer
+from optimizer_recipes.core.optimizer_wrappers import unwrap_optimizer
 
 GIB = 1024**3
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")

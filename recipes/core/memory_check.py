@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from recipes.core.config import Config, ConfigError, default_block_size
-from recipes.core.launch_setup import LaunchSetup
-from recipes.core.memory_estimate import estimate_each, meta_model
+from optimizer_recipes.core.config import Config, ConfigError, default_block_size
+from optimizer_recipes.core.launch_setup import LaunchSetup
+from optimizer_recipes.core.memory_estimate import estimate_each, meta_model
 
 GIB = 1024**3
 # How far the estimator's run peak has been from the measured peak (tests/test_memory.py holds it to this; the
@@ -164,7 +164,7 @@ def _needs_each(recipes, model, setting: _Setting, device: str) -> dict[str, int
 def _what_would_fit(recipe, config: Config, model, setting: _Setting, device: str, available: int) -> str:
     """Other recipes that run this configuration and fit; gradient checkpointing, if it is off and would make this
     recipe (or else another) fit; and over how many devices ZeRO-3 would shard this run for it to fit."""
-    from recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.optimizer_recipe import all_recipes
 
     others = [r for r in all_recipes() if r.name != recipe.name and _runs(r, config)]
     ways = [_listed(_fitting(others, model, setting, device, available))]

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, masking_utils
 
-from recipes.core import embedded, gguf_source
-from recipes.core.optimizer_recipe import ParameterShapes, parameter_roles
-from recipes.core.token_loss import CHUNK_LOGITS, MIN_POSITIONS, build_token_loss
+from optimizer_recipes.core import embedded, gguf_source
+from optimizer_recipes.core.optimizer_recipe import ParameterShapes, parameter_roles
+from optimizer_recipes.core.token_loss import CHUNK_LOGITS, MIN_POSITIONS, build_token_loss
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "bf16-nearest")
 

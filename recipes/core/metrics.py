@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from recipes.core.memory import PeakMemoryMeter
+from optimizer_recipes.core.memory import PeakMemoryMeter
 
 BAR_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "peak_allocated_gib", "peak_rss_gib")
 

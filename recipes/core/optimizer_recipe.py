@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from recipes.core import engine_free_zero3
-from recipes.core.deepspeed_fixes import switch_mode
-from recipes.core.lomo_fixes import average_gradients_across_processes
-from recipes.core.optimizer_wrappers import unwrap_optimizer
-from recipes.core.stochastic_rounding import CHUNK as ROUNDING_CHUNK
-from recipes.core.stochastic_rounding import StepsEachTensorInFp32, rounding_noise
+from optimizer_recipes.core import engine_free_zero3
+from optimizer_recipes.core.deepspeed_fixes import switch_mode
+from optimizer_recipes.core.lomo_fixes import average_gradients_across_processes
+from optimizer_recipes.core.optimizer_wrappers import unwrap_optimizer
+from optimizer_recipes.core.stochastic_rounding import CHUNK as ROUNDING_CHUNK
+from optimizer_recipes.core.stochastic_rounding import StepsEachTensorInFp32, rounding_noise
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from recipes.core.config import Config
+    from optimizer_recipes.core.config import Config
 
 RECIPE_NAMES = ("adamw", "adafactor", "grokadamw", "lomo", "adalomo", "schedule_free_adamw", "schedule_free_sgd",
                 "galore", "apollo", "apollo_mini", "adamw_8bit", "stable_adamw")

@@ -20,7 +20,7 @@ from itertools import chain
 
 import torch
 
-from recipes.core.chat_masks import IGNORE_INDEX
+from optimizer_recipes.core.chat_masks import IGNORE_INDEX
 
 
 def concatenate_into_blocks(batch: dict, block_size: int) -> dict:

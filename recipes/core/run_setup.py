@@ -21,22 +21,22 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from recipes.core import attention
-from recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
-from recipes.core.checkpoint import TrainerState, checkpoints_in, continue_schedule, load_checkpoint, resume_settings
-from recipes.core.config import Config, ConfigError, default_block_size, parse_step_window, schedule_kwargs, trackers
-from recipes.core.data import build_datasets, load_raw_datasets
-from recipes.core.memory import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
-from recipes.core.metrics import TrainingMetrics, progress_bars_wanted
-from recipes.core.optimizer_recipe import OptimizerRecipe
-from recipes.core.packing import PaddingCollator
-from recipes.core.preemption import PreemptionRequest
-from recipes.core.sources import load_model, load_model_config, load_tokenizer
-from recipes.core.stochastic_rounding import rounding_note
-from recipes.core.throughput import (compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source,
+from optimizer_recipes.core import attention
+from optimizer_recipes.core.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
+from optimizer_recipes.core.checkpoint import TrainerState, checkpoints_in, continue_schedule, load_checkpoint, resume_settings
+from optimizer_recipes.core.config import Config, ConfigError, default_block_size, parse_step_window, schedule_kwargs, trackers
+from optimizer_recipes.core.data import build_datasets, load_raw_datasets
+from optimizer_recipes.core.memory import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
+from optimizer_recipes.core.metrics import TrainingMetrics, progress_bars_wanted
+from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe
+from optimizer_recipes.core.packing import PaddingCollator
+from optimizer_recipes.core.preemption import PreemptionRequest
+from optimizer_recipes.core.sources import load_model, load_model_config, load_tokenizer
+from optimizer_recipes.core.stochastic_rounding import rounding_note
+from optimizer_recipes.core.throughput import (compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source,
                                      peak_remeasurer)
-from recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
-from recipes.core.torch_compile import compile_decoder_blocks
+from optimizer_recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
+from optimizer_recipes.core.torch_compile import compile_decoder_blocks
 
 
 @dataclass

@@ -16,11 +16,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from recipes.core import embedded, gguf_source
-from recipes.core.chat_masks import use_chat_template_file
-from recipes.core.config import Config, ConfigError, data_file_builder
-from recipes.core.data_files import check_data_files
-from recipes.core.launch_setup import LaunchSetup
+from optimizer_recipes.core import embedded, gguf_source
+from optimizer_recipes.core.chat_masks import use_chat_template_file
+from optimizer_recipes.core.config import Config, ConfigError, data_file_builder
+from optimizer_recipes.core.data_files import check_data_files
+from optimizer_recipes.core.launch_setup import LaunchSetup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 _OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")

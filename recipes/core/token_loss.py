@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from recipes.core.chat_masks import IGNORE_INDEX
+from optimizer_recipes.core.chat_masks import IGNORE_INDEX
 
 CHUNK_LOGITS = 1 << 22  # logits per chunk (positions x vocabulary): 16 MiB in fp32
 MIN_POSITIONS = 64  # fewer positions per matrix product round differently (one position: a matrix-vector product)

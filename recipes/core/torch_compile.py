@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from recipes.core.config import Config, ConfigError
+from optimizer_recipes.core.config import Config, ConfigError
 
 CPU_COMPILERS = ("g++", "clang++", "c++")  # inductor writes and builds C++ for a CPU
 
