@@ -79,7 +79,7 @@ class StepClock:
 def recipe_and_config(name: str, args, output_dir: str):
     from optimizer_recipes.core.config import parse_config
 
-    recipe = importlib.import_module(f"recipes.{name}").RECIPE
+    recipe = importlib.import_module(f"optimizer_recipes.{name}").RECIPE
     return recipe, recipe_argv(args, output_dir), parse_config(recipe, recipe_argv(args, output_dir))
 
 

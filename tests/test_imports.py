@@ -97,6 +97,10 @@ def test_a_package_named_recipes_on_the_path_does_not_shadow_the_project(tmp_pat
     proc = subprocess.run([sys.executable, str(REPO / "recipes" / "adamw.py"), "--help"], cwd=tmp_path,
                           env=offline_env(PYTHONPATH=str(stand_in.parent)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--learning_rate" in proc.stdout, proc.stderr[-2000:]
+    every = subprocess.run([sys.executable, "-c", "from optimizer_recipes.core.optimizer_recipe import all_recipes; "
+                            "print(len(all_recipes()))"], cwd=tmp_path, env=offline_env(PYTHONPATH=str(stand_in.parent)),
+                           capture_output=True, text=True, timeout=120)
+    assert every.returncode == 0 and every.stdout.strip() == "12", every.stderr[-2000:]  # the registry too
     probe = subprocess.run([sys.executable, "-c", "import recipes"], cwd=tmp_path,
                            env=offline_env(PYTHONPATH=str(stand_in.parent)), capture_output=True, text=True)
     assert "torchtune recipes directory" in probe.stderr  # the stand-in was first on the path

@@ -35,7 +35,7 @@ RECIPE_NAMES = ("adamw", "adafactor", "grokadamw", "lomo", "adalomo", "schedule_
 
 
 def all_recipes() -> list[OptimizerRecipe]:
-    return [importlib.import_module(f"recipes.{name}").RECIPE for name in RECIPE_NAMES]
+    return [importlib.import_module(f"optimizer_recipes.{name}").RECIPE for name in RECIPE_NAMES]
 
 
 def numel(shape: tuple[int, ...]) -> int:
