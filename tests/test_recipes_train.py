@@ -19,7 +19,7 @@ from optimizer_recipes.core.data import load_raw_datasets
 from optimizer_recipes.core.loop import evaluate
 from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
 from optimizer_recipes.core.run_setup import build_dataloaders
-from tests.conftest import (CONFIGS, REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
+from tests.conftest import (REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
                             train_losses)
 
 STEPS = 40

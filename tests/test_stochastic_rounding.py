@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from optimizer_recipes.core.config import parse_config
 from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, all_recipes
 from optimizer_recipes.core.sources import load_model, load_model_config
-from optimizer_recipes.core.stochastic_rounding import RoundingNoise, StepsEachTensorInFp32
+from optimizer_recipes.core.per_tensor_steps import StepsEachTensor
+from optimizer_recipes.core.stochastic_rounding import RoundingNoise
 from tests.conftest import (assert_shared_launch_ran, read_metrics, results, run_flags, run_here, train_losses,
                             two_process_run)
 
@@ -75,7 +76,7 @@ def test_stepping_one_tensor_at_a_time_is_the_optimizers_own_step(recipe, tmp_pa
         model = load_model(config, load_model_config(config))
         optimizer = RECIPES[recipe].build(model, config)
         if one_at_a_time:
-            optimizer = StepsEachTensorInFp32(optimizer, Unrounded(0, 0, torch.device("cpu")))
+            optimizer = StepsEachTensor(optimizer, Unrounded(0, 0, torch.device("cpu")))
         RECIPES[recipe].train_mode(optimizer)
         generator = torch.Generator().manual_seed(1)
         for _ in range(3):

@@ -152,6 +152,11 @@ class TrainArguments:
                                          "rounded stochastically, so that updates smaller than bf16's spacing are kept "
                                          "in expectation; false: rounded to nearest (they are lost). No effect on "
                                          "fp32 or fp16 weights."})
+    optimizer_in_backward: bool = field(
+        default=False, metadata={"help": "Step each parameter inside backward as soon as its gradient is complete, "
+                                          "and free the gradient: one gradient alive at a time instead of all "
+                                          "(torchtune's optimizer_in_bwd). No gradient accumulation, no clipping by "
+                                          "global norm; DDP or one process. LOMO and AdaLomo always do."})
     torch_compile: bool = field(
         default=False, metadata={"help": "Compile the model's decoder blocks with torch.compile (inductor), in place: "
                                           "the first steps pay the compile time, the later ones run faster."})
@@ -297,6 +302,7 @@ def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Conf
         train.torch_compile = True
     if str(train.resume_from_checkpoint).lower() in ("true", "false"):  # TrainingArguments' boolean: the newest
         train.resume_from_checkpoint = "latest" if str(train.resume_from_checkpoint).lower() == "true" else None
+    recipe = recipe.for_run(config)  # e.g. its updates in backward
     recipe.fill_defaults(config)
     validate(config, recipe, explicitly_set)
     return config

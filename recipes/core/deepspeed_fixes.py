@@ -71,10 +71,10 @@ def _zero_optimizer(optimizer):
 
 
 def _stepped_each_tensor(optimizer):
-    """The StepsEachTensorInFp32 among the wrappers, or None."""
-    from optimizer_recipes.core.stochastic_rounding import StepsEachTensorInFp32
+    """The StepsEachTensor among the wrappers, or None."""
+    from optimizer_recipes.core.per_tensor_steps import StepsEachTensor
 
-    while optimizer is not None and not isinstance(optimizer, StepsEachTensorInFp32):
+    while optimizer is not None and not isinstance(optimizer, StepsEachTensor):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
 
@@ -83,7 +83,7 @@ def switch_mode(optimizer, mode: str) -> None:
     """Call the schedule-free optimizer's train() or eval(), and make the module weights follow (mode: train|eval)."""
     zero = _zero_optimizer(optimizer)
     rounded = _stepped_each_tensor(optimizer)
-    if rounded is not None:  # bf16 weights, stochastic rounding: one tensor at a time in fp32
+    if rounded is not None:  # one tensor at a time: in fp32 and rounded into bf16 weights, or in backward
         rounded.switch_mode(mode)
     elif zero is None:  # no DeepSpeed: the module's parameters are the optimizer's
         getattr(unwrap_optimizer(optimizer), mode)()

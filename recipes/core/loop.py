@@ -85,6 +85,7 @@ class TrainingStopped(RuntimeError):
 def train(recipe: OptimizerRecipe, config: Config) -> dict:
     """Run one training job; whatever it installs process-wide (signal handlers) is undone when it returns or
     raises. A run that stops before its first step (a signal, an error) leaves nothing of its own in output_dir."""
+    recipe = recipe.for_run(config)  # e.g. its updates in backward
     with PreemptionRequest() as preemption:  # until set-up ends, a signal stops the run at once
         output_dir = Path(config.train.output_dir)
         there_before = set(output_dir.iterdir()) if output_dir.is_dir() else None

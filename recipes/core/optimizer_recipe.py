@@ -22,8 +22,9 @@ from optimizer_recipes.core import engine_free_zero3
 from optimizer_recipes.core.deepspeed_fixes import switch_mode
 from optimizer_recipes.core.lomo_fixes import average_gradients_across_processes
 from optimizer_recipes.core.optimizer_wrappers import unwrap_optimizer
+from optimizer_recipes.core.per_tensor_steps import StepsEachTensor
 from optimizer_recipes.core.stochastic_rounding import CHUNK as ROUNDING_CHUNK
-from optimizer_recipes.core.stochastic_rounding import StepsEachTensorInFp32, rounding_noise
+from optimizer_recipes.core.stochastic_rounding import rounding_noise
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -101,6 +102,8 @@ class OptimizerRecipe:
     default_max_grad_norm: float = 1.0
     reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
     keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
+    updates_in_backward: bool = False  # the update runs inside backward (the LOMO family), not in a step after it
+    update_note: str = ""  # said on the start-up line where the update is not an ordinary step
     gradients_partitioned_by_zero: bool = True  # ZeRO-2/3 keep 1/N of the gradients per process
     # Settings from the optimizer's source that launch/finetune_comparison.py runs beside the sweep:
     # (what they are, learning rate, extra flags)
@@ -123,7 +126,7 @@ class OptimizerRecipe:
 
     def rounding_bytes(self, shapes: list[tuple[int, ...]]) -> int:
         """Bytes held at once to round updates stochastically into bf16 weights: the largest tensor's fp32
-        stand-in and fp32 gradient (StepsEachTensorInFp32), and the noise of one chunk."""
+        stand-in and fp32 gradient (StepsEachTensor), and the noise of one chunk."""
         largest = largest_numel(shapes)
         return largest * 8 + min(largest, ROUNDING_CHUNK) * 4
 
@@ -135,12 +138,19 @@ class OptimizerRecipe:
         stepped in fp32 and rounded stochastically (recipes/core/stochastic_rounding.py); else as `build` made it."""
         optimizer = self.build(model, config)
         noise = rounding_noise(config, model)
-        return StepsEachTensorInFp32(optimizer, noise) if noise else optimizer
+        return StepsEachTensor(optimizer, noise) if noise else optimizer
 
     @property
     def description(self) -> str:
         """The recipe file's docstring: what it supports and what it refuses."""
         return sys.modules[type(self).__module__].__doc__ or self.name
+
+    def for_run(self, config: Config) -> OptimizerRecipe:
+        """The recipe as a run with this configuration uses it: with --optimizer_in_backward, its optimizer stepped per
+        parameter inside backward (recipes/core/in_backward.py)."""
+        from optimizer_recipes.core.in_backward import UpdatesInBackward
+
+        return UpdatesInBackward(self) if config.train.optimizer_in_backward else self
 
     def fill_defaults(self, config: Config) -> None:
         t = config.train
@@ -238,6 +248,8 @@ class FusedBackwardRecipe(OptimizerRecipe):
     """
 
     keeps_master_weights = False  # updates the weights in their own dtype, in backward
+    updates_in_backward = True
+    update_note = "updates: in backward, fused into each parameter's gradient hook (no gradient is kept)"
     gradients_partitioned_by_zero = False  # one parameter's whole gradient at a time, all-reduced under ZeRO-3
     default_max_grad_norm = 0.0  # clipping by global norm costs a second backward pass
     default_lr_scheduler_type = "linear"

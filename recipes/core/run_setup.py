@@ -98,8 +98,8 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
     if t.torch_compile:  # in place, before any wrapper: their hooks then run around the compiled blocks
         loss_note += "\n" + compile_decoder_blocks(model, t.torch_compile_mode)
     optimizer = recipe.build_for_run(model, config)
-    weights_note = rounding_note(config, model)  # how updates reach 16-bit weights
-    loss_note += f"\n{weights_note}" if weights_note else ""
+    for note in (recipe.update_note, rounding_note(config, model)):  # when and how updates reach the weights
+        loss_note += f"\n{note}" if note else ""
     embedding = model.get_input_embeddings().weight
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
                                                getattr(embedding, "ds_numel", embedding.numel()), block_size)
