@@ -22,6 +22,7 @@ import argparse
 import torch
 from transformers.hf_argparser import string_to_bool
 
+from optimizer_recipes.core.in_backward import UpdatesInBackward
 from optimizer_recipes.core.memory_check import PROCESS_BASELINE
 from optimizer_recipes.core.memory_estimate import PRECISIONS, estimate_each, meta_model
 from optimizer_recipes.core.optimizer_recipe import all_recipes
@@ -39,7 +40,9 @@ def human(n: int) -> str:
 
 def estimate_table(args) -> str:
     model = meta_model(args.model_name_or_path, args.trust_remote_code)
-    estimates = estimate_each(all_recipes(), model, args.precision, args.per_device_train_batch_size,
+    recipes = [UpdatesInBackward(r) if args.optimizer_in_backward and not r.updates_in_backward else r
+               for r in all_recipes()]
+    estimates = estimate_each(recipes, model, args.precision, args.per_device_train_batch_size,
                               args.block_size, args.gradient_checkpointing, args.world_size, args.zero_stage,
                               args.per_device_eval_batch_size, args.chunked_loss)
     rows = {name: e.as_dict() for name, e in estimates.items()}
@@ -57,6 +60,7 @@ def estimate_table(args) -> str:
              f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "
              f"{args.per_device_eval_batch_size}, gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}"
+             f"{', updates in backward' if args.optimizer_in_backward else ''}"
              f", {'chunked loss' if args.chunked_loss else 'whole logits'}, world size {args.world_size}, "
              f"ZeRO stage {args.zero_stage}. training: a step's peak; evaluation: the evaluation's; total: the run's "
              "(the larger)")
@@ -77,6 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
     parser.add_argument("--gradient_checkpointing", **flag)
+    parser.add_argument("--optimizer_in_backward", **flag, help="every recipe's update in backward: one gradient at a "
+                        "time (LOMO and AdaLomo always)")
     parser.add_argument("--chunked_loss", **(flag | {"default": True}))
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=0)

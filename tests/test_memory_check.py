@@ -91,8 +91,9 @@ def llama_7b_config_only(tmp_path_factory):
 @pytest.mark.parametrize("recipe", ["adamw", "adafactor", "grokadamw", "schedule_free_adamw", "schedule_free_sgd",
                                     "galore", "apollo", "apollo_mini", "adamw_8bit", "stable_adamw"])
 def test_a_7b_model_on_this_machine_is_refused_for_all_but_lomo_and_adalomo(recipe, llama_7b_config_only, tmp_path):
-    """The LOMO paper's setting on a 24 GiB machine (22.9 GiB available, stated): only the fused updates fit (the
-    memory savers keep every gradient: 12.6 GiB in bf16 beside the 12.6 GiB of weights). Sharding is offered
+    """The LOMO paper's setting on a 24 GiB machine (22.9 GiB available, stated): of the ordinary steps none fits
+    (the memory savers keep every gradient: 12.6 GiB in bf16 beside the 12.6 GiB of weights); the fused updates do,
+    and so do adafactor, galore, apollo and apollo_mini stepped in backward (one gradient at a time). Sharding is offered
     through a config file the recipe accepts: FSDP2 for StableAdamW and GrokAdamW, none for GaLore, APOLLO and 8-bit AdamW
     (they refuse both)."""
     proc = run_here(recipe, "--model_name_or_path", str(llama_7b_config_only), "--dtype", "bfloat16",
@@ -102,19 +103,27 @@ def test_a_7b_model_on_this_machine_is_refused_for_all_but_lomo_and_adalomo(reci
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"{recipe}: error: this run needs about ")
     assert "lomo (" in line and "adalomo (" in line and "fit" in line
+    in_backward = line.split("; or ")[1].split(";")[0]
+    assert in_backward.endswith("fit with --optimizer_in_backward true")
+    assert all(f"{name} (" in in_backward for name in ("adafactor", "galore", "apollo", "apollo_mini"))
+    assert not any(f"{name} (" in in_backward for name in ("adamw", "adamw_8bit", "stable_adamw", "grokadamw"))
     sharding = {"galore": None, "stable_adamw": "fsdp2.yaml", "grokadamw": "fsdp2.yaml", "adafactor": None,
                 "apollo": None, "apollo_mini": None, "adamw_8bit": None}.get(recipe, "zero3.yaml")
     assert (f"shard it: accelerate_configs/{sharding} over" in line) if sharding else ("shard it" not in line)
 
 
-@pytest.mark.parametrize("recipe", ["lomo", "adalomo"])
-def test_lomo_and_adalomo_pass_the_check_at_7b(recipe, llama_7b_config_only):
+@pytest.mark.parametrize("recipe, flags", [("lomo", []), ("adalomo", []),
+                                           *[(name, ["--optimizer_in_backward", "true"])
+                                             for name in ("adafactor", "galore", "apollo", "apollo_mini")]])
+def test_lomo_and_adalomo_pass_the_check_at_7b(recipe, flags, llama_7b_config_only):
+    """And the memory savers stepped in backward."""
     config = parse_config(RECIPES[recipe], ["--model_name_or_path", str(llama_7b_config_only), "--dtype", "bfloat16",
                                             "--gradient_checkpointing", "true", "--per_device_train_batch_size",
-                                            "1", "--block_size", "256", "--memory_budget_gib", "22.9"])
+                                            "1", "--block_size", "256", "--memory_budget_gib", "22.9", *flags])
     from transformers import AutoConfig
 
-    note = memory_check.check_memory(RECIPES[recipe], config, AutoConfig.from_pretrained(llama_7b_config_only))
+    note = memory_check.check_memory(RECIPES[recipe].for_run(config), config,
+                                     AutoConfig.from_pretrained(llama_7b_config_only))
     assert note.startswith("memory: about ") and "may not fit" not in note
 
 

@@ -162,12 +162,19 @@ def _needs_each(recipes, model, setting: _Setting, device: str) -> dict[str, int
 
 
 def _what_would_fit(recipe, config: Config, model, setting: _Setting, device: str, available: int) -> str:
-    """Other recipes that run this configuration and fit; gradient checkpointing, if it is off and would make this
-    recipe (or else another) fit; and over how many devices ZeRO-3 would shard this run for it to fit."""
+    """Other recipes that run this configuration and fit; recipes that fit stepped in backward
+    (--optimizer_in_backward); gradient checkpointing, if it is off and would make this recipe (or else another) fit;
+    and over how many devices ZeRO-3 would shard this run for it to fit."""
     from optimizer_recipes.core.optimizer_recipe import all_recipes
 
     others = [r for r in all_recipes() if r.name != recipe.name and _runs(r, config)]
     ways = [_listed(_fitting(others, model, setting, device, available))]
+    if not recipe.updates_in_backward:  # one gradient at a time instead of all: this recipe, or another, may fit
+        stepped_in_backward = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                                     optimizer_in_backward=True))
+        candidates = [r.for_run(stepped_in_backward) for r in all_recipes() if not r.updates_in_backward]
+        ways.append(_listed(_fitting([r for r in candidates if _runs(r, stepped_in_backward)], model, setting,
+                                     device, available), " with --optimizer_in_backward true"))
     if not setting.gradient_checkpointing:
         checkpointed = dataclasses.replace(setting, gradient_checkpointing=True)
         needs = _needs_each([recipe], model, checkpointed, device)[recipe.name]
