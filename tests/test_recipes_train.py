@@ -237,3 +237,26 @@ def test_every_offered_schedule_trains_three_steps(tmp_path):
         reference = expected_lrs(schedule, len(warmup) // 2, json.loads(kwargs[1]) if kwargs else {})
         assert lrs == pytest.approx(reference, rel=1e-6), schedule
         assert (out / "model.safetensors").is_file()
+
+
+def test_trainer_strategies_warmup_ratio_and_no_evaluation_train_as_the_trainer_does(tmp_path):
+    """--eval_strategy no with --validation_split_percentage 0 (every row trains, nothing evaluated, results without
+    an eval loss), --save_strategy epoch (a checkpoint at each epoch's end), --warmup_ratio (ceil(ratio x steps)
+    warmup steps), a worker process loading the batches."""
+    out = tmp_path / "out"
+    data = tmp_path / "train.jsonl"
+    from optimizer_recipes.core.embedded import generate_corpus
+
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in generate_corpus(200, seed=3)))
+    run_here("adamw", "--dataset_name", str(data), "--eval_strategy", "no", "--validation_split_percentage", "0",
+             "--save_strategy", "epoch", "--num_train_epochs", "2", "--per_device_train_batch_size", "32",
+             "--warmup_ratio", "0.5", "--logging_steps", "1", "--dataloader_num_workers", "1",
+             "--output_dir", str(out))
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    total, per_epoch = resolved["total_steps"], resolved["save_steps"]
+    assert total == 2 * per_epoch and resolved["data_summary"]["splits"]["validation"]["rows"] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted([f"checkpoint-{per_epoch}", f"checkpoint-{total}"])
+    assert resolved["warmup_steps"] == -(-total // 2)
+    lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+    assert lrs[0] == 0 and max(lrs) == lrs[resolved["warmup_steps"]]  # warms up, then decays
+    assert not any("eval_loss" in r for r in read_metrics(out)) and "eval_loss" not in results(out)

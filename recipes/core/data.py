@@ -136,6 +136,10 @@ def build_datasets(raw: DatasetDict, tokenizer, config: Config, block_size: int)
 
     rows, splits = DatasetDict(), {}
     for split, ds in raw.items():
+        if len(ds) == 0:  # no held-out data (--eval_strategy no): nothing to tokenize
+            rows[split] = Dataset.from_dict({"input_ids": [], "labels": []})
+            splits[split] = SplitSummary(0, 0, 0, 0, 0, 0)
+            continue
         tokens = ds.map(tokenize, batched=True, remove_columns=ds.column_names, fn_kwargs={"split": split},
                         desc=f"tokenizing {split}")
         bad = sum(tokens["bad_row"])
