@@ -111,16 +111,18 @@ def test_what_cannot_hold_in_backward_is_refused_with_the_way_out(case, tmp_path
     assert "lomo updates in backward already; drop --optimizer_in_backward" in capsys.readouterr().err
 
 
-# 2 DDP processes, in backward: each gradient averaged across processes by a hook, then stepped; resumed from step 7
-TWO_PROCESS = ["adamw", "schedule_free_adamw", "apollo_mini"]
-for _recipe in TWO_PROCESS:
-    two_process_run("multi_gpu.yaml", f"in-backward-{_recipe}", _recipe,
+# 2 processes, in backward; resumed from step 7. DDP: each gradient averaged across processes by a hook, then
+# stepped. FSDP2: each gradient reduce-scattered by FSDP2, which then calls the hook with this rank's shard.
+TWO_PROCESS = [("multi_gpu.yaml", "adamw"), ("multi_gpu.yaml", "schedule_free_adamw"), ("multi_gpu.yaml", "apollo_mini"),
+               ("fsdp2.yaml", "adamw"), ("fsdp2.yaml", "schedule_free_adamw")]
+for _config, _recipe in TWO_PROCESS:
+    two_process_run(_config, f"in-backward-{_recipe}", _recipe,
                     lambda data, r=_recipe: [*run_flags(r, 2), *schedule(r), *IN_BACKWARD], resumed=True)
 
 
-@pytest.mark.parametrize("recipe", TWO_PROCESS)
-def test_two_ddp_processes_in_backward_match_one_and_resume_exactly(recipe, two_process_runs, in_backward_runs):
-    runs = two_process_runs("multi_gpu.yaml")
+@pytest.mark.parametrize("config, recipe", TWO_PROCESS)
+def test_two_processes_in_backward_match_one_and_resume_exactly(config, recipe, two_process_runs, in_backward_runs):
+    runs = two_process_runs(config)
     assert_shared_launch_ran(runs)
     assert_shared_launch_ran(runs, "resumed")
     straight, resumed = runs[f"in-backward-{recipe}"]

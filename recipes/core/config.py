@@ -156,7 +156,7 @@ class TrainArguments:
         default=False, metadata={"help": "Step each parameter inside backward as soon as its gradient is complete, "
                                           "and free the gradient: one gradient alive at a time instead of all "
                                           "(torchtune's optimizer_in_bwd). No gradient accumulation, no clipping by "
-                                          "global norm; DDP or one process. LOMO and AdaLomo always do."})
+                                          "global norm; one process, DDP or FSDP2. LOMO and AdaLomo always do."})
     torch_compile: bool = field(
         default=False, metadata={"help": "Compile the model's decoder blocks with torch.compile (inductor), in place: "
                                           "the first steps pay the compile time, the later ones run faster."})

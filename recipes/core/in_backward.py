@@ -12,19 +12,23 @@ group's scheduled learning rate. What changes, and why:
 - no gradient accumulation (a gradient is consumed as soon as it is complete) and no clipping by global norm (there
   is no moment at which all gradients exist); `--max_grad_norm` defaults to 0 here, and a value is refused;
 - under DDP each gradient is averaged across processes by a hook before its update, and DDP's own reducer is kept
-  out (`no_sync`), as for LOMO (recipes/core/lomo_fixes.py);
+  out (`no_sync`), as for LOMO (recipes/core/lomo_fixes.py); under FSDP2 each gradient is reduce-scattered by FSDP2,
+  which then calls the hook itself with this rank's shard (torch 2.13 `_fsdp_collectives.py`), so each rank steps
+  its shard;
 - refused under DeepSpeed (its engine owns the gradients: they are reduced and partitioned in its own hooks and
-  step), under FSDP, and with fp16 autocast (the update would run on scaled gradients before the scaler unscales);
+  step), under FSDP1, and with fp16 autocast (the update would run on scaled gradients before the scaler unscales);
 - LOMO and AdaLomo update in backward already.
 The checkpoint is the optimizer's own state_dict, as in the ordinary run, so resume is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from optimizer_recipes.core.config import ConfigError
 from optimizer_recipes.core.lomo_fixes import average_gradients_across_processes
 from optimizer_recipes.core.per_tensor_steps import StepsEachTensor
 from optimizer_recipes.core.stochastic_rounding import rounding_noise
@@ -71,10 +75,6 @@ class UpdatesInBackward:
             reason = (f"--optimizer_in_backward under {launch.describe()} is not supported: DeepSpeed's engine reduces "
                       "and partitions the gradients in its own hooks and steps the optimizer itself; use "
                       "accelerate_configs/multi_gpu.yaml, or drop --optimizer_in_backward")
-        elif launch.kind == "fsdp":
-            reason = ("--optimizer_in_backward under FSDP is not supported yet: the update would need each shard's "
-                      "reduce-scattered gradient; use accelerate_configs/multi_gpu.yaml, or drop "
-                      "--optimizer_in_backward")
         elif launch.mixed_precision == "fp16":
             reason = ("--optimizer_in_backward with fp16 mixed precision: the update would run on the loss-scaled "
                       "gradients before the scaler unscales them; use --bf16 true")
@@ -89,6 +89,9 @@ class UpdatesInBackward:
         return StepsEachTensor(optimizer, rounding_noise(config, model), in_backward=True)
 
     def prepare(self, accelerator: Accelerator, model, optimizer, train_loader, eval_loader, scheduler) -> tuple:
+        if accelerator.distributed_type == "FSDP" and not accelerator.is_fsdp2:
+            raise ConfigError("--optimizer_in_backward under FSDP1 (fsdp_version: 1) is not supported: its flat "
+                              "parameters hold many tensors; use accelerate_configs/fsdp2.yaml")
         prepared = self.recipe.prepare(accelerator, model, optimizer, train_loader, eval_loader, scheduler)
         in_backward = prepared[1]
         while not isinstance(in_backward, StepsEachTensor):
@@ -97,6 +100,8 @@ class UpdatesInBackward:
         return prepared
 
     def micro_step_context(self, accelerator: Accelerator, model):
+        if accelerator.is_fsdp2:  # FSDP2 reduce-scatters each gradient, then calls the hooks with this rank's shard
+            return contextlib.nullcontext()
         return accelerator.no_sync(model)  # DDP's reducer would write averaged gradients after they were consumed
 
     def step(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float) -> Optional[float]:

@@ -90,11 +90,13 @@ class StepsEachTensor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """After backward: step each tensor with a gradient; in backward the updates have run, and this ends the
-        step (the next gradient begins the next)."""
+        """Step each tensor that holds a gradient. In backward every gradient was consumed and freed by its hook,
+        so after a backward this only ends the step (the next gradient begins the next); a step given gradients
+        from elsewhere (the zero-gradient step with which torch's distributed checkpoint loader creates the state
+        it loads into, under FSDP2) steps them."""
         if closure is not None:
             raise ValueError("stepping one tensor at a time takes no closure")
-        if self.in_backward:
+        if self.in_backward and not any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"]):
             self._step_began = None
             return None
         if self.noise is not None and not self._holds_bf16():  # e.g. DeepSpeed's fp32 master partitions

@@ -12,12 +12,13 @@ class FirstStepInAnyMode:
     optimizer by a zero-gradient step at lr 0 before loading the checkpoint into it; schedule-free refuses any step in
     eval mode, which a fresh optimizer is in, so every FSDP2 resume failed ("Optimizer was not in train mode").
     With no state yet there is nothing to move between y and x: train() would only set the flag, so the step runs
-    with the flag set and the flag goes back. Once the optimizer holds state, upstream's check applies unchanged.
+    with the flag set and the flag goes back. Once the parameters stepped hold state, upstream's check applies
+    unchanged (the parameters of this call: stepped one tensor at a time, each tensor's first step is such a step).
     """
 
     def step(self, closure=None):
         modes = [group["train_mode"] for group in self.param_groups]
-        if self.state or all(modes):
+        if all(modes) or any(p in self.state for group in self.param_groups for p in group["params"]):
             return super().step(closure)
         for group in self.param_groups:
             group["train_mode"] = True
