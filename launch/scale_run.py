@@ -2,6 +2,8 @@
 train, evaluate, checkpoint, final save, then resume), each phase's measured peak beside the estimate.
 
     python launch/scale_run.py --output_dir docs/memory/llama-7b --shape llama-7b --recipes lomo,adalomo
+    python launch/scale_run.py --output_dir docs/memory/llama-7b-in-backward --shape llama-7b \
+        --recipes adafactor,apollo_mini,galore,apollo --optimizer_in_backward true
 
 For each recipe, one process, pure bf16 weights (`--dtype bfloat16`) with gradient checkpointing:
 1. a fresh run of `--max_steps` steps with an evaluation after step 1, a checkpoint at its last step, the final
@@ -48,7 +50,15 @@ def recipe_command(recipe: str, model: Path, data: Path, out: Path, args, max_st
                "--per_device_eval_batch_size", str(args.per_device_eval_batch_size),
                "--block_size", str(args.block_size), "--max_steps", str(max_steps), "--eval_steps", "1",
                "--save_steps", str(max_steps), "--logging_steps", "1", "--output_dir", str(out)]
-    return command + (["--resume_from_checkpoint", "latest"] if resume else [])
+    in_backward = ["--optimizer_in_backward", "true"] if args.optimizer_in_backward and not stepped_in_backward(recipe) \
+        else []  # LOMO and AdaLomo update in backward already
+    return command + in_backward + (["--resume_from_checkpoint", "latest"] if resume else [])
+
+
+def stepped_in_backward(recipe_name: str) -> bool:
+    from optimizer_recipes.core.optimizer_recipe import all_recipes
+
+    return next(r for r in all_recipes() if r.name == recipe_name).updates_in_backward
 
 
 def run(command: list[str], log: Path) -> float:
@@ -88,6 +98,10 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
     from optimizer_recipes.core.optimizer_recipe import all_recipes
 
     recipe = next(r for r in all_recipes() if r.name == recipe_name)
+    if args.optimizer_in_backward and not recipe.updates_in_backward:
+        from optimizer_recipes.core.in_backward import UpdatesInBackward
+
+        recipe = UpdatesInBackward(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     e = estimate(recipe, meta_model(None, config=AutoConfig.from_pretrained(model)), "bf16",
                  args.per_device_train_batch_size, args.block_size, True, eval_batch=args.per_device_eval_batch_size)
@@ -101,7 +115,8 @@ def report(rows: dict, args, shape: str, parameters: int) -> str:
     from optimizer_recipes.core.throughput import hardware
 
     lines = [f"# {shape} fully fine-tuned: every phase's peak against the estimate", "",
-             f"{parameters / 1e9:.2f}B parameters (random weights), bf16 weights, gradient checkpointing, micro-batch "
+             f"{parameters / 1e9:.2f}B parameters (random weights), bf16 weights (updates rounded stochastically), "
+             f"gradient checkpointing{', updates in backward (--optimizer_in_backward true)' if args.optimizer_in_backward else ''}, micro-batch "
              f"{args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "
              f"{args.per_device_eval_batch_size}, one process on {hardware()}. Peaks are the process's RSS per phase "
              "(GiB); the estimate is the estimator's run peak plus the process's baseline (what the pre-flight check "
@@ -139,7 +154,10 @@ def main(argv=None) -> None:
     parser.add_argument("--max_steps", type=int, default=2)
     parser.add_argument("--documents", type=int, default=400, help="lines of the generated text file (5%% held out)")
     parser.add_argument("--keep", action="store_true", help="keep the model and run folders")
+    parser.add_argument("--optimizer_in_backward", choices=("true", "false"), default="false",
+                        help="run the recipes with --optimizer_in_backward true (one gradient at a time)")
     args = parser.parse_args(argv)
+    args.optimizer_in_backward = args.optimizer_in_backward == "true"
 
     from launch.make_model import write_model
 

@@ -59,7 +59,8 @@ def test_checkpoint_and_final_save_add_no_copy(runs, run):
 
 
 def test_scale_run_reports_every_phase_of_a_fresh_and_a_resumed_run(tmp_path):
-    """launch/scale_run.py (the 7B reproduction) on a tiny shape: both runs measured, folders deleted after."""
+    """launch/scale_run.py (the 7B reproductions) on a tiny shape, with the memory savers in backward: both runs of
+    each recipe measured (Adafactor stepped in backward beside LOMO, which always is), folders deleted after."""
     import subprocess
     import sys
 
@@ -70,13 +71,17 @@ def test_scale_run_reports_every_phase_of_a_fresh_and_a_resumed_run(tmp_path):
     (tmp_path / "tiny.json").write_text(json.dumps(shape))
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "scale_run.py"), "--output_dir",
                            str(tmp_path / "report"), "--shape", str(tmp_path / "tiny.json"), "--work_dir", str(tmp_path / "work"), "--recipes",
-                           "lomo", "--block_size", "64"], cwd=REPO, env=offline_env(), capture_output=True, text=True,
+                           "lomo,adafactor", "--optimizer_in_backward", "true", "--block_size", "64"], cwd=REPO, env=offline_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]["lomo"]
-    for kind in ("fresh", "resumed"):
-        assert all(row[kind]["phases_gib"][phase] > 0 for phase in ("loading", "training", "evaluation", "saving"))
-        assert row[kind]["seconds_per_step"] > 0
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    for row in rows.values():
+        for kind in ("fresh", "resumed"):
+            assert all(row[kind]["phases_gib"][phase] > 0 for phase in ("loading", "training", "evaluation", "saving"))
+            assert row[kind]["seconds_per_step"] > 0
     table = (tmp_path / "report" / "report.md").read_text()
-    assert "| `lomo` | fresh |" in table and "| `lomo` | resumed |" in table
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["lomo-fresh.log", "lomo-resumed.log", "text.txt"]
+    assert all(f"| `{name}` | {kind} |" in table for name in ("lomo", "adafactor") for kind in ("fresh", "resumed"))
+    assert "updates in backward" in table
+    assert "updates: in backward, each parameter stepped" in (tmp_path / "work" / "adafactor-fresh.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
+        "adafactor-fresh.log", "adafactor-resumed.log", "lomo-fresh.log", "lomo-resumed.log", "text.txt"]
