@@ -85,7 +85,8 @@ class UpdatesInBackward:
 
     def build_for_run(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         optimizer = self.recipe.build(model, config)
-        average_gradients_across_processes(model)  # under DDP: each gradient the mean over processes, then stepped
+        if config.launch.kind != "fsdp":  # FSDP2 averages each gradient in its reduce-scatter before the hook
+            average_gradients_across_processes(model)  # DDP: each gradient the mean over processes, then stepped
         return StepsEachTensor(optimizer, rounding_noise(config, model), in_backward=True)
 
     def prepare(self, accelerator: Accelerator, model, optimizer, train_loader, eval_loader, scheduler) -> tuple:
