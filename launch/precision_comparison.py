@@ -13,9 +13,9 @@ best in the comparison (--comparison, default docs/finetune/results.json), three
   before stochastic rounding);
 - bf16, stochastic: `--dtype bfloat16` (the default for bf16 weights: recipes/core/stochastic_rounding.py).
 Every run is launch/finetune_comparison.py's (`train_run`: its own process, answer-only loss, held-out questions
-phrased unlike the training ones, greedy generation); the table gives held-out accuracy, the answer-token eval loss
-and s/step. Resumable (results.json after every run). s/step of the fp32 rows comes from the machine the comparison
-ran on, which the report names; `launch/precision_speed.py` times the precisions against each other on one machine.
+phrased unlike the training ones, greedy generation); the table gives held-out accuracy and the answer-token eval
+loss (results.json keeps each run's s/step too, which depends on what else shared the machine: `launch/precision_speed.py`
+times the precisions against each other on one machine). Resumable (results.json after every run).
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ def comparison_run(record: dict | None, recipe: str, lr: float, seed: int) -> di
 
 def report(record: dict) -> str:
     lines = ["# bf16 weights: rounded to nearest or stochastically, against fp32 weights", "", record["setup"], "",
-             "Held-out accuracy (greedy replies naming the capital; 0% before fine-tuning), answer-token eval loss "
-             f"(before fine-tuning: {record['base_eval_loss']:.3f}) and s/step, per recipe at its fine-tuning default "
-             "learning rate and at its best in the comparison. fp32 rows: the comparison's runs "
-             f"({record['comparison']}), on {record['fp32_hardware']}; bf16 rows on {record['hardware']}.", "",
-             "| recipe | lr | weights | held-out accuracy | eval loss | eval loss vs fp32 | s/step |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             "Held-out accuracy (greedy replies naming the capital; 0% before fine-tuning) and answer-token eval loss "
+             f"(before fine-tuning: {record['base_eval_loss']:.3f}), per recipe at its fine-tuning default learning "
+             "rate and at its best in the comparison. fp32 rows: the comparison's own runs at the same task, seed, "
+             f"steps and batch ({record['comparison']}); bf16 rows run here ({record['hardware']}). Step time is not "
+             "compared here (these runs shared their machine with other jobs): `launch/precision_speed.py` times the "
+             "precisions against each other on one machine.", "",
+             "| recipe | lr | weights | held-out accuracy | eval loss | eval loss vs fp32 |",
+             "|---|---:|---|---:|---:|---:|"]
     for key in dict.fromkeys((r["recipe"], r["learning_rate"]) for r in record["runs"]):
         rows = {r["weights"]: r for r in record["runs"] if (r["recipe"], r["learning_rate"]) == key}
         fp32 = rows.get("fp32")
@@ -62,9 +64,8 @@ def report(record: dict) -> str:
                 continue
             r = rows[weights]
             versus = f"{r['eval_loss'] / fp32['eval_loss']:.2f}x" if fp32 and weights != "fp32" else ""
-            seconds = f"{r['seconds_per_step']:.2f}" if r.get("seconds_per_step") else ""
             lines.append(f"| `{key[0]}` | {key[1]:g} ({r['which']}) | {weights} | {r['accuracy']:.0%} | "
-                         f"{r['eval_loss']:.3f} | {versus} | {seconds} |")
+                         f"{r['eval_loss']:.3f} | {versus} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,9 +91,9 @@ def main(argv=None) -> None:
     test = comparison.write_task(folder / "task", protocol.num_facts, protocol.seed)
     path = folder / "results.json"
     record = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-    fp32_hardware = sorted({r.get("hardware", "not recorded") for r in earlier["runs"]})
-    record.update(comparison=os.path.relpath(args.comparison, REPO), hardware=hardware(), fp32_hardware=", ".join(fp32_hardware),
-                  setup=f"{args.model_name_or_path}: {earlier['setup'].split(': ', 1)[1]}",
+    record.pop("fp32_hardware", None)
+    record.update(comparison=os.path.relpath(args.comparison, REPO), hardware=hardware(),
+                  setup=f"{args.model_name_or_path}: {earlier['setup'].split(': ', 1)[1].removesuffix(', fp32')}",
                   protocol={k: getattr(protocol, k) for k in PROTOCOL})
     if "base_eval_loss" not in record:
         record["base_eval_loss"] = comparison.base_eval_loss(args.model_name_or_path, folder / "task",

