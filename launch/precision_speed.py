@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
 
 PRECISIONS = {"fp32": [], "bf16 autocast": ["--bf16", "true"],
-              "bf16 weights, rounded stochastically": ["--dtype", "bfloat16"],
-              "bf16 weights, rounded to nearest": ["--dtype", "bfloat16", "--stochastic_rounding", "false"]}
+              "bf16 weights rounded stochastically": ["--dtype", "bfloat16"],
+              "bf16 weights rounded to nearest": ["--dtype", "bfloat16", "--stochastic_rounding", "false"]}
 
 
 def one_run(args, flags: list[str], out: Path) -> dict:

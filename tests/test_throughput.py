@@ -110,7 +110,7 @@ def test_precision_speed_command_runs_each_precision(tmp_path):
                            "2", "--output", str(tmp_path / "runs.json")], cwd=REPO, env=offline_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert all(f"| {name} |" in proc.stdout for name in ("fp32", "bf16 autocast", "bf16 weights, rounded stochastically",
-                                                         "bf16 weights, rounded to nearest"))
+    assert all(f"| {name} |" in proc.stdout for name in ("fp32", "bf16 autocast", "bf16 weights rounded stochastically",
+                                                         "bf16 weights rounded to nearest"))
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     assert all(r["seconds_per_step"] > 0 and r["eval_loss"] > 0 for rows in runs.values() for r in rows)
