@@ -55,10 +55,14 @@ def recipe_command(recipe: str, model: Path, data: Path, out: Path, args, max_st
     return command + in_backward + (["--resume_from_checkpoint", "latest"] if resume else [])
 
 
-def stepped_in_backward(recipe_name: str) -> bool:
+def recipe_named(name: str):
     from optimizer_recipes.core.optimizer_recipe import all_recipes
 
-    return next(r for r in all_recipes() if r.name == recipe_name).updates_in_backward
+    return next(r for r in all_recipes() if r.name == name)
+
+
+def stepped_in_backward(recipe_name: str) -> bool:
+    return recipe_named(recipe_name).updates_in_backward
 
 
 def run(command: list[str], log: Path) -> float:
@@ -95,9 +99,7 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
 
     from optimizer_recipes.core.memory_check import PROCESS_BASELINE
     from optimizer_recipes.core.memory_estimate import estimate, meta_model
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
-
-    recipe = next(r for r in all_recipes() if r.name == recipe_name)
+    recipe = recipe_named(recipe_name)
     if args.optimizer_in_backward and not recipe.updates_in_backward:
         from optimizer_recipes.core.in_backward import UpdatesInBackward
 
