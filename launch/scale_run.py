@@ -9,7 +9,9 @@ For each recipe, one process, pure bf16 weights (`--dtype bfloat16`) with gradie
 1. a fresh run of `--max_steps` steps with an evaluation after step 1, a checkpoint at its last step, the final
    evaluation and save;
 2. the same command resumed from that checkpoint (`--resume_from_checkpoint latest`) for one more step, with its own
-   checkpoint, evaluation and save.
+   checkpoint (`--save_total_limit 1`: the first is then deleted), evaluation and save. The fresh run's final weights
+   are deleted before it (the resume reads the checkpoint), so the disk holds at most the model, two checkpoints
+   and one save.
 Each run's `results.json` has its peak per phase (`phase_peak_<phase>_gib`: the process's RSS on a CPU, CUDA's
 max allocated on a GPU); they are tabled beside the estimator's run peak plus the process's baseline
 (`recipes/core/memory_check.py`, what the pre-flight check uses), with s/step, tokens/s and achieved FLOP/s. The
@@ -49,10 +51,18 @@ def recipe_command(recipe: str, model: Path, data: Path, out: Path, args, max_st
                "--per_device_train_batch_size", str(args.per_device_train_batch_size),
                "--per_device_eval_batch_size", str(args.per_device_eval_batch_size),
                "--block_size", str(args.block_size), "--max_steps", str(max_steps), "--eval_steps", "1",
-               "--save_steps", str(max_steps), "--logging_steps", "1", "--output_dir", str(out)]
+               "--save_steps", str(max_steps), "--save_total_limit", "1", "--logging_steps", "1",
+               "--output_dir", str(out)]
     in_backward = ["--optimizer_in_backward", "true"] if args.optimizer_in_backward and not stepped_in_backward(recipe) \
         else []  # LOMO and AdaLomo update in backward already
     return command + in_backward + (["--resume_from_checkpoint", "latest"] if resume else [])
+
+
+def drop_final_save(out: Path) -> None:
+    """The fresh run's final weights (13 GB at 7B): the resumed run needs only its checkpoint, and a disk that holds the
+    model, that checkpoint, the resumed run's checkpoint and its final save should not also hold these."""
+    for weights in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        weights.unlink()
 
 
 def recipe_named(name: str):
@@ -183,6 +193,8 @@ def main(argv=None) -> None:
             wall = run(recipe_command(name, model, data, out, args, steps, resume), work / f"{name}-{kind}.log")
             row[kind] = measured(out, wall, after_step=args.max_steps if resume else 0)
             print(f"{name} {kind}: {json.dumps(row[kind])}", flush=True)
+            if not resume and not args.keep:
+                drop_final_save(out)
         rows[name] = row
         if not args.keep:
             shutil.rmtree(out)

@@ -37,8 +37,8 @@ class ApolloRecipe(LowRankRecipe):
                    "apollo_update_interval", "apollo_scale", "apollo_scale_type", "apollo_proj", "apollo_proj_type")
     requires = ("apollo_torch", '-e ".[apollo]" (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')
     projection_words = "the rows and columns"
-    default_rank = 128
-    default_scale = 1.0
+    default_rank = 16
+    default_scale = 32.0
     default_scale_type = "channel"
     proj_types = ("std", "reverse_std", "right", "left")
 

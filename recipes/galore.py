@@ -34,7 +34,7 @@ class GaLoreRecipe(LowRankRecipe):
                    "galore_update_interval", "galore_scale", "galore_proj_type")
     requires = ("galore_torch", '-e ".[galore]" (or: pip install galore-torch==1.0)')
     projection_words = "the singular vectors"
-    default_rank = 128
+    default_rank = 16
     proj_types = ("std", "reverse_std", "right", "left", "full")
 
     def rank_is_capped(self):

@@ -212,18 +212,18 @@ class OptimizerArguments:
                                                  "projected: all-linear (every nn.Linear but the output layer: the "
                                                  "decoder blocks' projections) or comma-separated parts of module "
                                                  "names (e.g. self_attn,mlp); the rest get full-rank AdamW."})
-    galore_rank: int = field(default=128, metadata={"help": "GaLore: rank of the projection."})
+    galore_rank: int = field(default=16, metadata={"help": "GaLore: rank of the projection."})
     galore_update_interval: int = field(
         default=200, metadata={"help": "GaLore: steps between refreshes of the projection (an SVD of the gradient)."})
-    galore_scale: float = field(default=0.25, metadata={"help": "GaLore: scale of the projected-back update."})
+    galore_scale: float = field(default=2.0, metadata={"help": "GaLore: scale of the projected-back update."})
     galore_proj_type: str = field(
         default="std", metadata={"help": "GaLore: std (project the shorter side), reverse_std, left, right or full."})
     apollo_rank: Optional[int] = field(
-        default=None, metadata={"help": "APOLLO: rank of the random projection; default 128 (apollo), 1 (apollo_mini)."})
+        default=None, metadata={"help": "APOLLO: rank of the random projection; default 16 (apollo), 1 (apollo_mini)."})
     apollo_update_interval: int = field(
         default=200, metadata={"help": "APOLLO: steps between refreshes of the projection."})
     apollo_scale: Optional[float] = field(
-        default=None, metadata={"help": "APOLLO: scale of the update; default 1.0 (apollo), 128 (apollo_mini)."})
+        default=None, metadata={"help": "APOLLO: scale of the update; default 32 (apollo), 128 (apollo_mini)."})
     apollo_scale_type: Optional[str] = field(
         default=None, metadata={"help": "APOLLO: channel (one scaling factor per row or column) or tensor; default "
                                          "channel (apollo), tensor (apollo_mini)."})
