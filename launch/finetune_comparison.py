@@ -20,7 +20,8 @@ training seed (the task stays the same), the spread shown; and each recipe's `so
 authors' lr with gradient-norm clipping). A run that stops on a non-finite loss counts as diverged.
 
 Resumable: results.json is written after every run, and a rerun with the same protocol (task, steps, batch, model)
-keeps the runs it holds instead of training them again, so a long comparison continues where it stopped and a
+keeps the runs it holds instead of training them again (those at their recipe's present optimizer settings: a
+recipe whose defaults, e.g. rank or scale, changed since is trained again), so a long comparison continues where it stopped and a
 new recipe is added without rerunning the others. Writes report.md, results.json and eval_loss.png (eval loss
 against steps, one line per recipe at its best learning rate) to --output_dir, and each run's folder under
 --runs_dir (default: --output_dir/runs). `--replot` rewrites report.md and the plot from results.json alone.
@@ -29,6 +30,7 @@ against steps, one line per recipe at its best learning rate) to --output_dir, a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -158,6 +160,15 @@ def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_di
             "seconds_per_step": statistics.median(r["seconds_per_step"] for r in steps) if steps else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else None,
             "wall_s": time.perf_counter() - started, "output_dir": str(out)}
+
+
+def recipe_settings(recipe, flags, model: str) -> dict:
+    """The optimizer's own knobs (rank, scale, betas, ...) as a run with these flags gets them: part of a run's identity,
+    so that a recipe whose defaults changed is trained again, not read from an earlier comparison."""
+    from optimizer_recipes.core.config import OPTIMIZER_FLAGS, parse_config
+
+    config = parse_config(recipe, ["--model_name_or_path", model, *flags])
+    return {flag: getattr(config.optim, flag) for flag in recipe.reads_flags if flag in OPTIMIZER_FLAGS}
 
 
 def rank_key(run: dict) -> tuple:
@@ -361,14 +372,21 @@ def main(argv=None) -> None:
                                         args.per_device_train_batch_size),
             "accuracy": held_out_accuracy(args.model_name_or_path, test, args.max_new_tokens)}
     print(f"before: eval loss {base['eval_loss']:.3f}, accuracy {base['accuracy']:.0%}", flush=True)
-    record = {"setup": setup, "arguments": vars(args), "base": base,
-              "runs": earlier_runs(folder, args)}
+    by_name = {r.name: r for r in all_recipes()}
+    settings_of = functools.cache(lambda name, flags: recipe_settings(by_name[name], flags, args.model_name_or_path))
+    earlier = earlier_runs(folder, args)
+    kept = [run for run in earlier if run["recipe"] in by_name
+            and run.get("settings") == settings_of(run["recipe"], tuple(run.get("flags", [])))]
+    if len(kept) < len(earlier):
+        print(f"{len(earlier) - len(kept)} earlier run(s) left out: their recipe's settings have changed since "
+              f"(or were not recorded)", flush=True)
+    record = {"setup": setup, "arguments": vars(args), "base": base, "runs": kept}
     write_results(folder, record)
     recipes = [r for r in all_recipes() if r.name in args.recipes.split(",")]
 
     def run_at(recipe, lr: float, seed: int, label: str = "", flags: tuple = ()) -> dict:
         """The run of this recipe, lr, seed and flags: kept from the record if there, else trained now."""
-        for run in record["runs"]:
+        for run in record["runs"]:  # every one of them at the recipe's present settings
             if (run["recipe"], run["learning_rate"], run.get("seed", args.seed), run.get("flags", [])) == (
                     recipe.name, lr, seed, list(flags)):
                 run["default_learning_rate"] = recipe.fine_tuning_learning_rate
@@ -378,7 +396,8 @@ def main(argv=None) -> None:
         run = train_run(recipe.name, lr, seed, list(flags), args, task_dir, out)
         if not run.get("diverged"):
             run["accuracy"] = held_out_accuracy(str(out), test, args.max_new_tokens)
-        run.update(default_learning_rate=recipe.fine_tuning_learning_rate, max_steps=args.max_steps, label=label)
+        run.update(default_learning_rate=recipe.fine_tuning_learning_rate, max_steps=args.max_steps, label=label,
+                   settings=settings_of(recipe.name, tuple(flags)))
         record["runs"].append(run)
         write_results(folder, record)
         print(f"{recipe.name}{f' ({label})' if label else ''} lr {lr:g} seed {seed}: eval loss "

@@ -39,6 +39,9 @@ class ApolloRecipe(LowRankRecipe):
     projection_words = "the rows and columns"
     default_rank = 16
     default_scale = 32.0
+    source_settings = (("the Transformers Trainer's defaults for apollo_adamw (rank 128, scale 1: APOLLO's "
+                        "pre-training setting), at the best lr of their sweep (its cap)", 5.4e-4,
+                        ("--apollo_rank", "128", "--apollo_scale", "1")),)
     default_scale_type = "channel"
     proj_types = ("std", "reverse_std", "right", "left")
 

@@ -35,6 +35,9 @@ class GaLoreRecipe(LowRankRecipe):
     requires = ("galore_torch", '-e ".[galore]" (or: pip install galore-torch==1.0)')
     projection_words = "the singular vectors"
     default_rank = 16
+    source_settings = (("the Transformers Trainer's defaults for galore_adamw (rank 128, scale 0.25: GaLore's "
+                        "pre-training setting), at the best lr of their sweep (its cap)", 5.4e-4,
+                        ("--galore_rank", "128", "--galore_scale", "0.25")),)
     proj_types = ("std", "reverse_std", "right", "left", "full")
 
     def rank_is_capped(self):

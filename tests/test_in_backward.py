@@ -94,6 +94,31 @@ def test_the_start_up_line_says_updates_run_in_backward(tmp_path):
     assert "--max_grad_norm 0 (no clipping): in backward each gradient is freed" in proc.stdout
 
 
+def test_per_tensor_clipping_clips_each_gradient_alone_before_its_update(tmp_path, monkeypatch):
+    """--max_grad_norm_per_tensor in backward ends where the ordinary step ends when each gradient is clipped alone
+    (torch's clip_grad_norm_ on one parameter at a time) before it, bit for bit, and not where the unclipped run
+    ends; without --optimizer_in_backward it is refused with the way out."""
+    flags = ["--max_steps", "4", "--logging_steps", "1", "--max_grad_norm", "0", "--learning_rate", "1e-2"]
+    run_here("adamw", *flags, *IN_BACKWARD, "--output_dir", str(tmp_path / "unclipped"))
+    run_here("adamw", *flags, *IN_BACKWARD, "--max_grad_norm_per_tensor", "0.05", "--output_dir",
+             str(tmp_path / "clipped"))
+    recipe_type = type(RECIPES["adamw"])
+    ordinary_step = recipe_type.step
+
+    def each_tensor_clipped_then_step(self, accelerator, model, optimizer, max_grad_norm):
+        for p in model.parameters():
+            torch.nn.utils.clip_grad_norm_([p], 0.05)
+        return ordinary_step(self, accelerator, model, optimizer, max_grad_norm)
+
+    monkeypatch.setattr(recipe_type, "step", each_tensor_clipped_then_step)
+    run_here("adamw", *flags, "--output_dir", str(tmp_path / "reference"))
+    clipped, reference, unclipped = (weights(tmp_path / n) for n in ("clipped", "reference", "unclipped"))
+    assert all(torch.equal(clipped[k], reference[k]) for k in clipped)
+    assert not all(torch.equal(clipped[k], unclipped[k]) for k in clipped)
+    proc = run_here("adamw", "--max_grad_norm_per_tensor", "1", "--output_dir", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "add --optimizer_in_backward true" in proc.stderr, proc.stderr
+
+
 REFUSED = {
     "accumulation": (["--gradient_accumulation_steps", "2"], "gradients cannot be accumulated "
                      "(--gradient_accumulation_steps 2); use --gradient_accumulation_steps 1 with a larger "

@@ -121,6 +121,10 @@ class TrainArguments:
                                          "'{\"min_lr_rate\": 0.1}' for cosine_with_min_lr."})
     max_grad_norm: Optional[float] = field(
         default=None, metadata={"help": "Global gradient-norm clipping, 0 disables; default: the recipe's."})
+    max_grad_norm_per_tensor: float = field(
+        default=0.0, metadata={"help": "With --optimizer_in_backward: clip each parameter's gradient alone to this "
+                                        "L2 norm just before its update (no global norm exists in backward); 0: "
+                                        "off."})
     logging_steps: int = field(default=10, metadata={"help": "Steps per log line (the Trainer's default: 500)."})
     logging_dir: Optional[str] = field(default=None, metadata={"help": "Where trackers write; default: output_dir."})
     save_steps: int = field(
@@ -384,7 +388,7 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{name} must be positive, got {value}; pass a value > 0")
-    for name in ("weight_decay", "warmup_steps", "max_grad_norm", "save_steps"):
+    for name in ("weight_decay", "warmup_steps", "max_grad_norm", "max_grad_norm_per_tensor", "save_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(t, name)}")
     if config.model.dtype not in WEIGHT_DTYPES:
@@ -395,6 +399,10 @@ def validate(config: Config, recipe: OptimizerRecipe, optimizer_flags_set: set[s
         raise ConfigError(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.dataloader_num_workers < 0:
         raise ConfigError(f"--dataloader_num_workers must be >= 0, got {t.dataloader_num_workers}")
+    if t.max_grad_norm_per_tensor > 0 and not t.optimizer_in_backward:
+        raise ConfigError(f"--max_grad_norm_per_tensor {t.max_grad_norm_per_tensor} clips each gradient inside "
+                          "backward, before its update: add --optimizer_in_backward true, or clip by global norm with "
+                          "--max_grad_norm (LOMO and AdaLomo: --clip_grad_value or --max_grad_norm)")
     if t.fp16 and t.bf16:
         raise ConfigError("--fp16 and --bf16 both set: choose one mixed precision (bf16 needs no loss scaler)")
     if t.fp16 and not torch.cuda.is_available():

@@ -11,6 +11,8 @@ updates). The name is torchtune's, spelled out.
 group's scheduled learning rate. What changes, and why:
 - no gradient accumulation (a gradient is consumed as soon as it is complete) and no clipping by global norm (there
   is no moment at which all gradients exist); `--max_grad_norm` defaults to 0 here, and a value is refused;
+  `--max_grad_norm_per_tensor` clips each gradient alone (`torch.nn.utils.clip_grad_norm_` on that one parameter:
+  under FSDP2 the norm is the whole tensor's, its shards' norms reduced across processes) just before its update;
 - under DDP each gradient is averaged across processes by a hook before its update, and DDP's own reducer is kept
   out (`no_sync`), as for LOMO (recipes/core/lomo_fixes.py); under FSDP2 each gradient is reduce-scattered by FSDP2,
   which then calls the hook itself with this rank's shard (torch 2.13 `_fsdp_collectives.py`), so each rank steps
@@ -70,7 +72,8 @@ class UpdatesInBackward:
                       "use --gradient_accumulation_steps 1 with a larger --per_device_train_batch_size")
         elif t.max_grad_norm > 0:
             reason = (f"--optimizer_in_backward with --max_grad_norm {t.max_grad_norm}: {NO_GLOBAL_NORM}; use "
-                      "--max_grad_norm 0, or drop --optimizer_in_backward")
+                      f"--max_grad_norm 0 (--max_grad_norm_per_tensor {t.max_grad_norm} clips each gradient alone), "
+                      "or drop --optimizer_in_backward")
         elif launch.kind == "deepspeed":
             reason = (f"--optimizer_in_backward under {launch.describe()} is not supported: DeepSpeed's engine reduces "
                       "and partitions the gradients in its own hooks and steps the optimizer itself; use "
@@ -87,7 +90,8 @@ class UpdatesInBackward:
         optimizer = self.recipe.build(model, config)
         if config.launch.kind != "fsdp":  # FSDP2 averages each gradient in its reduce-scatter before the hook
             average_gradients_across_processes(model)  # DDP: each gradient the mean over processes, then stepped
-        return StepsEachTensor(optimizer, rounding_noise(config, model), in_backward=True)
+        return StepsEachTensor(optimizer, rounding_noise(config, model), in_backward=True,
+                               max_norm_per_tensor=config.train.max_grad_norm_per_tensor)
 
     def prepare(self, accelerator: Accelerator, model, optimizer, train_loader, eval_loader, scheduler) -> tuple:
         if accelerator.distributed_type == "FSDP" and not accelerator.is_fsdp2:

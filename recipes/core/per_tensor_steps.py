@@ -38,10 +38,11 @@ class StepsEachTensor(torch.optim.Optimizer):
     launch's wrappers have made the parameters they train)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, noise: RoundingNoise | None = None,
-                 in_backward: bool = False):
+                 in_backward: bool = False, max_norm_per_tensor: float = 0.0):
         self.optimizer = optimizer
         self.noise = noise
         self.in_backward = in_backward
+        self.max_norm_per_tensor = max_norm_per_tensor  # in backward: each gradient clipped alone before its update
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
         self._hooks: list = []
@@ -83,6 +84,8 @@ class StepsEachTensor(torch.optim.Optimizer):
     def _step_in_backward(self, p: torch.Tensor, index: int, position: int) -> None:
         if self._step_began is None:  # the step's first gradient
             self._begin_step()
+        if self.max_norm_per_tensor > 0:
+            torch.nn.utils.clip_grad_norm_([p], self.max_norm_per_tensor)
         self._step_one(p, index, position, self.optimizer.step)
         p.grad = None
 
