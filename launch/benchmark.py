@@ -40,6 +40,12 @@ sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes packa
 HARNESSES = ("bare", "recipe", "trainer")
 COMPILED = "+compile"  # a harness name with this suffix compiles: the recipe's --torch_compile true, the Trainer's
 # torch_compile=True (the whole model, through accelerate), the bare loop's decoder blocks as the recipe compiles them
+IN_BACKWARD = "+in_backward"  # recipe+in_backward: the recipe with --optimizer_in_backward true
+
+
+def harness_kind(harness: str) -> str:
+    """bare, recipe or trainer, whatever the suffixes."""
+    return harness.removesuffix(IN_BACKWARD).removesuffix(COMPILED)
 TRAINER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "grokadamw": "grokadamw", "lomo": "lomo",
                  "adalomo": "adalomo", "schedule_free_adamw": "schedule_free_adamw",
                  "schedule_free_sgd": "schedule_free_sgd", "galore": "galore_adamw", "apollo": "apollo_adamw",
@@ -87,7 +93,8 @@ def recipe_argv(args, output_dir: str) -> list[str]:
     argv = ["--model_name_or_path", args.model, "--output_dir", output_dir, "--max_steps", str(args.total_steps),
             "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--block_size",
             str(args.block_size), "--logging_steps", "10", "--save_steps", "0", "--report_to", "none"]
-    return argv + (["--bf16", "true"] if args.bf16 else []) + (["--torch_compile", "true"] if args.compile else [])
+    return argv + (["--bf16", "true"] if args.bf16 else []) + (["--torch_compile", "true"] if args.compile else []) \
+        + (["--optimizer_in_backward", "true"] if args.in_backward else [])
 
 
 def token_blocks(model_dir: str, block_size: int):
@@ -176,14 +183,25 @@ def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
     from optimizer_recipes.core.loop import main
 
     recipe, argv, _ = recipe_and_config(name, args, output_dir)
-    untimed_step = recipe.step
+    recipe_for_run = recipe.for_run
 
-    def timed_step(*step_args, **step_kwargs):
-        grad_norm = untimed_step(*step_args, **step_kwargs)
-        clock.tick()
-        return grad_norm
+    def timed_for_run(config):
+        """The recipe as the run uses it (e.g. updating in backward), its step timed once per optimizer step (one
+        micro-batch each here)."""
+        used = recipe_for_run(config)
+        if not getattr(used.step, "timed", False):
+            untimed_step = used.step
 
-    recipe.step = timed_step  # once per optimizer step (one micro-batch each here)
+            def timed_step(*step_args, **step_kwargs):
+                grad_norm = untimed_step(*step_args, **step_kwargs)
+                clock.tick()
+                return grad_norm
+
+            timed_step.timed = True
+            used.step = timed_step
+        return used
+
+    recipe.for_run = timed_for_run
     main(recipe, argv + ["--profile_memory", "true"])  # MemTracker on step 2 (PROFILED_STEP)
     measured = json.loads((Path(output_dir) / "memory_profile.json").read_text())
     run = json.loads((Path(output_dir) / "results.json").read_text())  # its peak over training, evaluation, saving
@@ -193,15 +211,14 @@ def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
 
 def trainer_extra(recipe) -> dict:
     """What else the Trainer needs to build the recipe's optimizer, read from the recipe: a low-rank recipe's default
-    targets (every linear layer of the decoder blocks), and for APOLLO's its rank, scale and scale type (APOLLO-Mini's
-    preset differs from the Trainer's defaults)."""
+    targets (every linear layer of the decoder blocks), its rank and scale, and APOLLO's scale type (the recipes'
+    fine-tuning defaults and APOLLO-Mini's preset differ from the Trainer's defaults)."""
     if not hasattr(recipe, "default_rank"):
         return {}
-    extra = {"optim_target_modules": ["self_attn", "mlp"]}
+    optim_args = f"rank={recipe.default_rank},scale={recipe.default_scale:g}"
     if hasattr(recipe, "default_scale_type"):
-        extra["optim_args"] = (f"rank={recipe.default_rank},scale={recipe.default_scale:g},"
-                               f"scale_type={recipe.default_scale_type}")
-    return extra
+        optim_args += f",scale_type={recipe.default_scale_type}"
+    return {"optim_target_modules": ["self_attn", "mlp"], "optim_args": optim_args}
 
 
 def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
@@ -244,7 +261,8 @@ def run_one(args) -> None:
     import torch
 
     harness, name = args.run
-    args.compile = harness.endswith(COMPILED)
+    args.compile = harness.removesuffix(IN_BACKWARD).endswith(COMPILED)
+    args.in_backward = harness.endswith(IN_BACKWARD)
     clock = StepClock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
     result = {"harness": harness, "optimizer": name, "tokens_per_step": args.per_device_train_batch_size *
@@ -252,7 +270,7 @@ def run_one(args) -> None:
     with tempfile.TemporaryDirectory() as output_dir:
         try:
             result["tensor_peak"] = {"bare": run_bare, "recipe": run_recipe, "trainer": run_trainer}[
-                harness.removesuffix(COMPILED)](name, args, clock, output_dir)
+                harness_kind(harness)](name, args, clock, output_dir)
         except Exception as error:  # the Trainer cannot run every optimizer everywhere: say why in the table
             if not harness.startswith("trainer"):
                 raise
@@ -334,6 +352,22 @@ def compile_notes(rounds: list[dict], optimizers: list[str], harnesses: list[str
     return notes
 
 
+def in_backward_notes(rounds: list[dict], optimizers: list[str], harnesses: list[str]) -> list[str]:
+    """Per recipe measured both ways: its step time updating in backward over its ordinary step's (each at its
+    defaults: the ordinary step clips by global norm, in backward nothing clips), and the profiled step's tensor
+    peak likewise."""
+    notes = []
+    for h in (h for h in harnesses if h + IN_BACKWARD in harnesses):
+        for n in optimizers:
+            values = round_ratios(rounds, (h + IN_BACKWARD, n), (h, n))
+            peak = ratio(rounds, (h + IN_BACKWARD, n), (h, n), key=lambda run: run.get("tensor_peak", {}).get("total"))
+            if values:
+                notes.append(f"- `{n}` in backward / ordinary: step time {statistics.median(values):.2f} ("
+                             f"{', '.join(f'{v:.2f}' for v in values)})"
+                             + (f", tensor peak {peak:.2f}" if peak else ""))
+    return notes
+
+
 def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], setup: str) -> tuple[str, dict]:
     def runs(h, n):
         return [r[(h, n)] for r in rounds if (h, n) in r]
@@ -397,6 +431,8 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
     notes += against_adamw(rounds, optimizers, harnesses)
     compiled = compile_notes(rounds, optimizers, harnesses)
     notes += compiled
+    in_backward = in_backward_notes(rounds, optimizers, harnesses)
+    notes += in_backward
     targets = []
     for n, row in summary.items():
         for key, limit in TARGETS.items():
@@ -407,7 +443,7 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
                  f"{len(targets) - len(missed)} of {len(targets)} met" + (f"; missed: {', '.join(missed)}"
                                                                             if missed else ""))
     text = setup + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-    return text, {"setup": setup, "optimizers": summary, "pairs": pairs, "compile": compiled,
+    return text, {"setup": setup, "optimizers": summary, "pairs": pairs, "compile": compiled, "in_backward": in_backward,
                   "targets": [dict(zip(("optimizer", "ratio", "value", "limit", "met"), t)) for t in targets]}
 
 
@@ -421,7 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizers", default=",".join(FIRST_SEVEN),
                         help=f"of {', '.join(TRAINER_OPTIM)}; default the first seven")
     parser.add_argument("--harnesses", default=",".join(HARNESSES),
-                        help=f"of {', '.join(HARNESSES)}, each also as <harness>{COMPILED}: compiled")
+                        help=f"of {', '.join(HARNESSES)}, each also as <harness>{COMPILED}: compiled, and "
+                             f"recipe{IN_BACKWARD}: the recipe updating in backward")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after the warm-up")
@@ -435,10 +472,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     optimizers, harnesses = args.optimizers.split(","), args.harnesses.split(",")
     unknown = [n for n in optimizers if n not in TRAINER_OPTIM]
-    unknown += [h for h in harnesses if h.removesuffix(COMPILED) not in HARNESSES]
+    unknown += [h for h in harnesses if harness_kind(h) not in HARNESSES
+                or (h.endswith(IN_BACKWARD) and harness_kind(h) != "recipe")]
     if unknown:
         parser.error(f"unknown optimizer or harness: {', '.join(unknown)}; optimizers: {', '.join(TRAINER_OPTIM)}; "
-                     f"harnesses: {', '.join(HARNESSES)}, each also with {COMPILED} (compiled)")
+                     f"harnesses: {', '.join(HARNESSES)}, each also with {COMPILED} (compiled), and "
+                     f"recipe{IN_BACKWARD} (--optimizer_in_backward true)")
     if args.warmup < PROFILED_STEP - 1:
         parser.error(f"--warmup {args.warmup} would time step {PROFILED_STEP}, which runs under MemTracker; use 1+")
     args.total_steps = 1 + args.warmup + args.steps  # step times start at step 2

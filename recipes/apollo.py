@@ -6,12 +6,13 @@ ratio of the adapted to the projected gradient's norms, per channel (--apollo_sc
 with Fira's norm-growth limiter. Targets (--optim_target_modules): default every nn.Linear but the output layer,
 i.e. the decoder blocks' projections; the embedding, the output layer, norms and biases get full-rank AdamW.
 APOLLO-Mini (rank 1, tensor scaling) is its own recipe, recipes/apollo_mini.py.
-Defaults are the Transformers Trainer's for optim="apollo_adamw": rank 128, proj random, scale_type channel,
-update_proj_gap 200, scale 1.0, proj_type std (flags under LLaMA-Factory's names: --apollo_rank,
---apollo_update_interval, --apollo_scale, --apollo_scale_type, --apollo_proj, --apollo_proj_type).
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's; fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 5.4e-4, the sweep's cap: 98%
-held-out accuracy on both seeds), else 1e-3 for the embedded tiny model trained from scratch.
+Defaults are the fine-tuning ones, LLaMA-Factory's (whose flag names these are): rank 16, scale 32, scale_type
+channel, proj random, update_proj_gap 200, proj_type std (--apollo_rank, --apollo_scale, --apollo_scale_type,
+--apollo_proj, --apollo_update_interval, --apollo_proj_type). The Transformers Trainer's default for
+optim="apollo_adamw" is the APOLLO authors' pre-training setting, rank 128 and scale 1; docs/finetune/report.md has it
+beside these defaults.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the comparison's sweep at these defaults:
+docs/finetune/report.md), else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only (the Trainer's APOLLO groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
 DDP (every process draws the same projection from the same seed).
@@ -20,7 +21,8 @@ too) and FSDP (apollo-torch keys each projection seed by the parameters it was b
 with their shards: measured, its first step stops with KeyError: 'seed').
 Built as APOLLOAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): apollo-torch keeps each
 projector, with the seed of its next projection, as an object that a resume (torch.load with weights_only=True)
-refuses. The per-layer variant (apollo_adamw_layerwise) is not offered.
+refuses. Its per-layer variant (apollo_adamw_layerwise) is
+--optimizer_in_backward true here, on one process or DDP, resuming exactly.
 Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only); it is an optional extra, not installed with the
 project: pip install -e ".[apollo]".
 """
@@ -32,7 +34,7 @@ from optimizer_recipes.core.low_rank import LowRankRecipe
 class ApolloRecipe(LowRankRecipe):
     name = "apollo"
     default_learning_rate = 1e-3
-    fine_tuning_learning_rate = 2e-5
+    fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "apollo_rank",
                    "apollo_update_interval", "apollo_scale", "apollo_scale_type", "apollo_proj", "apollo_proj_type")
     requires = ("apollo_torch", '-e ".[apollo]" (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')

@@ -4,9 +4,8 @@ The apollo recipe (recipes/apollo.py: what it supports, refuses and how it resum
 APOLLO-Mini setting, as the Transformers docs give it: rank 1, scale_type tensor, scale 128, proj random,
 update_proj_gap 200. Each target matrix keeps a rank-1 projection and its two moments: a few vectors, no
 full-size state. The --apollo_* flags override the preset.
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (fine-tuning SmolLM2-135M-Instruct for 30
-steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 5.4e-4, the sweep's cap: 96% / 79% held-out accuracy on two
-seeds), else 1e-3 for the embedded tiny model.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the comparison's sweep: docs/finetune/report.md),
+else 1e-3 for the embedded tiny model.
 Supports: what apollo does (every LR schedule, gradient accumulation, --max_grad_norm, --weight_decay on matrices
 only, DDP). Refuses: DeepSpeed ZeRO and FSDP (see recipes/apollo.py).
 Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only): pip install -e ".[apollo]".

@@ -5,12 +5,13 @@ every --galore_update_interval steps, and Adam moments of the projected gradient
 full-size ones; the update is projected back and scaled by --galore_scale. Targets (--optim_target_modules):
 default every nn.Linear but the output layer, i.e. the decoder blocks' projections; the embedding, the output
 layer, norms and biases get full-rank AdamW.
-Defaults are the Transformers Trainer's for optim="galore_adamw": rank 128, update_proj_gap 200, scale 0.25,
-proj_type std (flags under LLaMA-Factory's names: --galore_rank, --galore_update_interval, --galore_scale,
---galore_proj_type).
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's; fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 5.4e-4, the sweep's cap: 73%
-held-out accuracy on both seeds), else 1e-3 for the embedded tiny model trained from scratch.
+Defaults are the fine-tuning ones: rank 16, scale 2, update_proj_gap 200, proj_type std, LLaMA-Factory's (whose
+flag names these are: --galore_rank, --galore_scale, --galore_update_interval, --galore_proj_type), inside the GaLore
+authors' fine-tuning range (rank 4-256, scale 2-4; their pre-training setting, scale 0.25 at rank 128, is the
+Transformers Trainer's default for optim="galore_adamw", and taught 73% of the held-out facts at the top of its
+learning-rate sweep against the defaults' figures in docs/finetune/report.md).
+Learning rate: --learning_rate, else 1e-4 with --model_name_or_path (the comparison's sweep at these defaults:
+docs/finetune/report.md), else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only (the Trainer's GaLore groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
 DDP (every process computes the same SVD of the same averaged gradient).
@@ -18,8 +19,9 @@ Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no matrix to take an SVD o
 FSDP2 (it trains as one process does, but a run resumed from its checkpoint does not continue exactly: measured 3e-4
 off in the loss, cause not found).
 Built as GaLoreAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): galore-torch keeps each
-projector as an object that a resume (torch.load with weights_only=True) refuses. The per-layer variant (the
-update inside backward, galore_adamw_layerwise) is not offered. Install: pip install -e ".[galore]".
+projector as an object that a resume (torch.load with weights_only=True) refuses. Its per-layer variant
+(Transformers' galore_adamw_layerwise: each matrix updated inside backward, its gradient then freed) is
+--optimizer_in_backward true here, on one process or DDP, resuming exactly. Install: pip install -e ".[galore]".
 """
 
 from optimizer_recipes.core.loop import main
@@ -29,16 +31,23 @@ from optimizer_recipes.core.low_rank import LowRankRecipe
 class GaLoreRecipe(LowRankRecipe):
     name = "galore"
     default_learning_rate = 1e-3
-    fine_tuning_learning_rate = 2e-5
+    fine_tuning_learning_rate = 1e-4  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "galore_rank",
                    "galore_update_interval", "galore_scale", "galore_proj_type")
     requires = ("galore_torch", '-e ".[galore]" (or: pip install galore-torch==1.0)')
     projection_words = "the singular vectors"
     default_rank = 16
+    default_scale = 2.0
     source_settings = (("the Transformers Trainer's defaults for galore_adamw (rank 128, scale 0.25: GaLore's "
                         "pre-training setting), at the best lr of their sweep (its cap)", 5.4e-4,
                         ("--galore_rank", "128", "--galore_scale", "0.25")),)
     proj_types = ("std", "reverse_std", "right", "left", "full")
+
+    def fill_defaults(self, config):
+        super().fill_defaults(config)
+        o = config.optim
+        o.galore_rank = self.default_rank if o.galore_rank is None else o.galore_rank
+        o.galore_scale = self.default_scale if o.galore_scale is None else o.galore_scale
 
     def rank_is_capped(self):
         return True  # the projector is cut from an SVD: at most min(m, n) vectors

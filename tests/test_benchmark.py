@@ -80,12 +80,14 @@ def test_trainer_harness_builds_the_memory_savers_optimizer_as_the_recipe_does(t
     # APOLLO-Mini needs the Trainer's target modules and its rank-1 preset (trainer_extra): without them the Trainer
     # refuses or builds a different optimizer, and the comparison would time something else.
     out = tmp_path / "bench"
-    report = run_benchmark(out, "--optimizers", "apollo_mini", "--harnesses", "recipe,trainer",
+    # Its step in backward is timed too (one tick per optimizer step: the step of the recipe as the run uses it).
+    report = run_benchmark(out, "--optimizers", "apollo_mini", "--harnesses", "recipe,recipe+in_backward,trainer",
                            "--rounds", "1", "--steps", "2", "--warmup", "1")
     runs = {run["harness"]: run for run in report["runs"][0]}
-    assert all(run["error"] is None and len(run["step_seconds"]) == 2 for run in runs.values())
+    assert len(runs) == 3 and all(run["error"] is None and len(run["step_seconds"]) == 2 for run in runs.values())
     recipe, trainer = runs["recipe"]["tensor_peak"], runs["trainer"]["tensor_peak"]
     assert recipe["optimizer_state"] == trainer["optimizer_state"] > 0
+    assert report["in_backward"][0].startswith("- `apollo_mini` in backward / ordinary: step time ")
 
 
 def test_step_time_against_adamw_is_taken_within_each_round():

@@ -216,10 +216,11 @@ class OptimizerArguments:
                                                  "projected: all-linear (every nn.Linear but the output layer: the "
                                                  "decoder blocks' projections) or comma-separated parts of module "
                                                  "names (e.g. self_attn,mlp); the rest get full-rank AdamW."})
-    galore_rank: int = field(default=16, metadata={"help": "GaLore: rank of the projection."})
+    galore_rank: Optional[int] = field(default=None, metadata={"help": "GaLore: rank of the projection; default 16."})
     galore_update_interval: int = field(
         default=200, metadata={"help": "GaLore: steps between refreshes of the projection (an SVD of the gradient)."})
-    galore_scale: float = field(default=2.0, metadata={"help": "GaLore: scale of the projected-back update."})
+    galore_scale: Optional[float] = field(
+        default=None, metadata={"help": "GaLore: scale of the projected-back update; default 2."})
     galore_proj_type: str = field(
         default="std", metadata={"help": "GaLore: std (project the shorter side), reverse_std, left, right or full."})
     apollo_rank: Optional[int] = field(
