@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
 
+from optimizer_recipes.measure.results import median_step, round_ratios  # noqa: E402
+
 HARNESSES = ("bare", "recipe", "trainer")
 COMPILED = "+compile"  # a harness name with this suffix compiles: the recipe's --torch_compile true, the Trainer's
 # torch_compile=True (the whole model, through accelerate), the bare loop's decoder blocks as the recipe compiles them
@@ -296,15 +298,6 @@ def measure(args, harness: str, name: str, folder: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"benchmark: {harness} {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(result.read_text())
-
-
-def median_step(run: dict) -> float | None:
-    return statistics.median(run["step_seconds"]) if run["step_seconds"] and not run["error"] else None
-
-
-def round_ratios(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median_step) -> list[float]:
-    """Each round's round[a] / round[b] (keys are (harness, optimizer)), where both ran."""
-    return [key(r[a]) / key(r[b]) for r in rounds if a in r and b in r and key(r[a]) and key(r[b])]
 
 
 def ratio(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median_step) -> float | None:

@@ -43,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
 REPO = Path(__file__).resolve().parent.parent
+
+from optimizer_recipes.measure.results import best_runs, bracketed, rank_key, sweep_runs  # noqa: E402
 TRAIN_PHRASINGS = ("What is the capital of {country}?", "Which city is the capital of {country}?",
                    "Tell me the capital of {country}.")
 TEST_PHRASINGS = ("Name the capital city of {country}.", "{country} has its government in which city?")
@@ -169,33 +171,6 @@ def recipe_settings(recipe, flags, model: str) -> dict:
 
     config = parse_config(recipe, ["--model_name_or_path", model, *flags])
     return {flag: getattr(config.optim, flag) for flag in recipe.reads_flags if flag in OPTIMIZER_FLAGS}
-
-
-def rank_key(run: dict) -> tuple:
-    """Higher is better: held-out accuracy, then eval loss (a diverged run's is infinite)."""
-    return run["accuracy"], -run["eval_loss"]
-
-
-def sweep_runs(runs: list[dict], recipe: str, seed: int) -> list[dict]:
-    """The recipe's learning-rate sweep at `seed`, without extra flags, by learning rate."""
-    return sorted((r for r in runs if r["recipe"] == recipe and r.get("seed", seed) == seed and not r.get("flags")),
-                  key=lambda r: r["learning_rate"])
-
-
-def best_runs(runs: list[dict], seed: int = 0) -> dict[str, dict]:
-    """Per recipe, the best run of its sweep at the comparison's seed."""
-    best: dict[str, dict] = {}
-    for recipe in dict.fromkeys(r["recipe"] for r in runs):
-        swept = sweep_runs(runs, recipe, seed)
-        if swept:
-            best[recipe] = max(swept, key=rank_key)
-    return best
-
-
-def bracketed(runs: list[dict], recipe: str, seed: int) -> bool:
-    swept = sweep_runs(runs, recipe, seed)
-    best = max(swept, key=rank_key)
-    return best is not swept[0] and best is not swept[-1]
 
 
 def _spread(values: list[float], spec: str) -> str:

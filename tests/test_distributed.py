@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimizer_recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, markdown_table, refusal
+from optimizer_recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, refusal
 from optimizer_recipes.core.optimizer_recipe import all_recipes
 from tests.conftest import (CONFIGS, REPO, assert_same_weights, assert_shared_launch_ran, cpu_env, free_port, launch,
                             offline_env, read_metrics, results, run_flags, run_here, train_losses, two_process_run)
@@ -173,12 +173,6 @@ def test_every_refused_cell_is_refused_at_start_up_with_a_way_out(recipe, config
 def test_launched_refusals_cover_every_config_that_refuses():
     assert set(REFUSED_LAUNCHED) <= set(REFUSED)
     assert {config for _, config in REFUSED_LAUNCHED} == {config for _, config in REFUSED}
-
-
-def test_readme_holds_the_generated_compatibility_tables():
-    readme = (REPO / "README.md").read_text()
-    assert markdown_table() in readme
-    assert "<!-- in-backward compatibility table: generated -->\n" + markdown_table(in_backward=True) in readme
 
 
 ACCUMULATION_AND_CLIPPING = ["--max_steps", "6", "--logging_steps", "1", "--max_grad_norm", "0.05"]

@@ -1,7 +1,8 @@
 """Which recipe runs under which accelerate config file, from the recipes' own refusals.
 
-`python -m optimizer_recipes.core.compatibility` prints the Markdown table the README shows; tests/test_distributed.py checks
-that the README holds exactly this table and launches every cell, so the table cannot drift from the code.
+`python -m optimizer_recipes.core.compatibility` prints the Markdown tables the README shows (written there by
+recipes/measure/doc_blocks.py, and checked by tests/test_docs.py); tests/test_distributed.py and
+tests/test_in_backward.py launch every cell, so the tables cannot drift from the code.
 """
 
 from __future__ import annotations
