@@ -6,7 +6,7 @@
 
 Same model, batch and data in every harness:
 - bare: a plain PyTorch loop, no accelerate: the recipe's optimizer (`recipe.build`, the same construction and
-  hyper-parameters) and loss (`recipes/core/token_loss.py`), then forward, `loss.backward()`, clipping if the recipe
+  hyper-parameters) and loss (`recipes/core/run/token_loss.py`), then forward, `loss.backward()`, clipping if the recipe
   clips, `step()`, `zero_grad()` (LOMO and AdaLomo: `fused_backward(loss, lr)`), and the recipe's LR schedule;
 - recipe: `recipes/<name>.py` itself (its `main`, as `python recipes/<name>.py` runs it: one process);
 - trainer: `transformers.Trainer` with the matching `optim` name and the recipe's hyper-parameters (where it cannot
@@ -65,7 +65,7 @@ class StepClock:
     """`tick()` at the end of every optimizer step: step times, and the peak memory after the first step."""
 
     def __init__(self, device):
-        from optimizer_recipes.core.memory import PeakMemoryMeter
+        from optimizer_recipes.core.memory.profile import PeakMemoryMeter
 
         self.meter, self.ticks, self.peak = PeakMemoryMeter(device), [], None
 
@@ -85,7 +85,7 @@ class StepClock:
 
 
 def recipe_and_config(name: str, args, output_dir: str):
-    from optimizer_recipes.core.config import parse_config
+    from optimizer_recipes.core.run.config import parse_config
 
     recipe = importlib.import_module(f"optimizer_recipes.{name}").RECIPE
     return recipe, recipe_argv(args, output_dir), parse_config(recipe, recipe_argv(args, output_dir))
@@ -104,7 +104,7 @@ def token_blocks(model_dir: str, block_size: int):
     import torch
     from transformers import AutoTokenizer
 
-    from optimizer_recipes.core.embedded import train_documents
+    from optimizer_recipes.core.data.embedded import train_documents
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = [i for doc in train_documents() for i in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
@@ -114,7 +114,7 @@ def token_blocks(model_dir: str, block_size: int):
 
 def start_tracker(model, optimizer):
     """MemTracker over one step, entered here, categorizing as `--profile_memory` does."""
-    from optimizer_recipes.core.memory import memory_tracker
+    from optimizer_recipes.core.memory.profile import memory_tracker
 
     tracker = memory_tracker(model, optimizer)
     tracker.__enter__()
@@ -122,7 +122,7 @@ def start_tracker(model, optimizer):
 
 
 def tensor_peak(tracker) -> dict:
-    from optimizer_recipes.core.memory import categorize
+    from optimizer_recipes.core.memory.profile import categorize
 
     device, peak = next(iter(tracker.get_tracker_snapshot("peak").items()))
     return {"total": peak.get("Total", 0), **categorize(peak)}
@@ -132,7 +132,7 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    from optimizer_recipes.core.token_loss import build_token_loss
+    from optimizer_recipes.core.run.token_loss import build_token_loss
 
     recipe, _, config = recipe_and_config(name, args, output_dir)
     t = config.train
@@ -141,7 +141,7 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
     token_loss, _ = build_token_loss(model, t.chunked_loss)  # the recipes' loss: the loop is what is compared
     if args.compile:
-        from optimizer_recipes.core.torch_compile import compile_decoder_blocks
+        from optimizer_recipes.core.run.torch_compile import compile_decoder_blocks
 
         compile_decoder_blocks(model, None)
     optimizer = recipe.build(model, config)
@@ -182,7 +182,7 @@ def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
 
 
 def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
-    from optimizer_recipes.core.loop import main
+    from optimizer_recipes.core.run.loop import main
 
     recipe, argv, _ = recipe_and_config(name, args, output_dir)
     recipe_for_run = recipe.for_run
@@ -479,9 +479,9 @@ def main(argv=None) -> None:
     if not args.output_dir:
         parser.error("--output_dir is required")
 
-    from optimizer_recipes.core.embedded import write_scaled_model
-    from optimizer_recipes.core.memory_estimate import meta_model
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.data.embedded import write_scaled_model
+    from optimizer_recipes.core.memory.estimate import meta_model
+    from optimizer_recipes.core.run.throughput import hardware
 
     folder = Path(args.output_dir)
     (folder / "runs").mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
-from optimizer_recipes.core import gguf_source  # noqa: E402
-from optimizer_recipes.core.config import ConfigError  # noqa: E402
+from optimizer_recipes.core.models import gguf_source  # noqa: E402
+from optimizer_recipes.core.run.config import ConfigError  # noqa: E402
 
 
 def load(source: str):

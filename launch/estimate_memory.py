@@ -12,7 +12,7 @@ category, the step's peak (`training`), the evaluation's peak at --per_device_ev
 the run's (`total`, the larger: what the device must hold), and `with baseline`: the total plus the process's own
 memory (Python, torch and the libraries: 0.5 GiB on a CPU, counted in the peak RSS; 0 on a GPU, where the CUDA peak
 does not see it), which is what a recipe's pre-flight check and its start-up line say. Method:
-recipes/core/memory_estimate.py.
+recipes/core/memory/estimate.py.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import argparse
 import torch
 from transformers.hf_argparser import string_to_bool
 
-from optimizer_recipes.core.in_backward import UpdatesInBackward
-from optimizer_recipes.core.memory_check import PROCESS_BASELINE
-from optimizer_recipes.core.memory_estimate import PRECISIONS, estimate_each, meta_model
-from optimizer_recipes.core.optimizer_recipe import all_recipes
+from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
+from optimizer_recipes.core.memory.check import PROCESS_BASELINE
+from optimizer_recipes.core.memory.estimate import PRECISIONS, estimate_each, meta_model
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "loss_temporaries",
               "training", "evaluation", "total")

@@ -115,12 +115,12 @@ def base_eval_loss(model_path: str, task_dir: Path, block_size: int, batch_size:
     from accelerate import Accelerator
 
     from optimizer_recipes.adamw import RECIPE
-    from optimizer_recipes.core.config import parse_config
-    from optimizer_recipes.core.data import load_raw_datasets
-    from optimizer_recipes.core.loop import evaluate
-    from optimizer_recipes.core.run_setup import build_dataloaders
-    from optimizer_recipes.core.sources import load_model, load_model_config, load_tokenizer
-    from optimizer_recipes.core.token_loss import build_token_loss
+    from optimizer_recipes.core.run.config import parse_config
+    from optimizer_recipes.core.data.loading import load_raw_datasets
+    from optimizer_recipes.core.run.loop import evaluate
+    from optimizer_recipes.core.run.run_setup import build_dataloaders
+    from optimizer_recipes.core.models.sources import load_model, load_model_config, load_tokenizer
+    from optimizer_recipes.core.run.token_loss import build_token_loss
 
     config = parse_config(RECIPE, ["--model_name_or_path", model_path, "--dataset_name", str(task_dir),
                                    "--block_size", str(block_size), "--per_device_train_batch_size", str(batch_size),
@@ -141,7 +141,7 @@ def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_di
            "--overwrite_output_dir", "true"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.run.throughput import hardware
 
     identity = {"recipe": recipe, "learning_rate": lr, "seed": seed, "flags": flags, "hardware": hardware()}
     if proc.returncode != 0 and f"{recipe}: stopped:" in proc.stderr:  # a non-finite loss: the run diverged
@@ -167,7 +167,7 @@ def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_di
 def recipe_settings(recipe, flags, model: str) -> dict:
     """The optimizer's own knobs (rank, scale, betas, ...) as a run with these flags gets them: part of a run's identity,
     so that a recipe whose defaults changed is trained again, not read from an earlier comparison."""
-    from optimizer_recipes.core.config import OPTIMIZER_FLAGS, parse_config
+    from optimizer_recipes.core.run.config import OPTIMIZER_FLAGS, parse_config
 
     config = parse_config(recipe, ["--model_name_or_path", model, *flags])
     return {flag: getattr(config.optim, flag) for flag in recipe.reads_flags if flag in OPTIMIZER_FLAGS}
@@ -282,7 +282,7 @@ def earlier_runs(folder: Path, args) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
@@ -326,7 +326,7 @@ def main(argv=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     task_dir = folder / "task"
     test = write_task(task_dir, args.num_facts, args.seed)
-    from optimizer_recipes.core.gguf_source import import_folder, is_gguf
+    from optimizer_recipes.core.models.gguf_source import import_folder, is_gguf
 
     if is_gguf(args.model_name_or_path):  # dequantize once, not in every run
         import torch
@@ -336,7 +336,7 @@ def main(argv=None) -> None:
             import_folder(args.model_name_or_path, imported, torch.float32)
         args.model_name_or_path = str(imported)
 
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.run.throughput import hardware
 
     setup = (f"{args.model_name_or_path}, {args.num_facts} made-up facts (seed {args.seed}): "
              f"{args.num_facts * len(TRAIN_PHRASINGS)} training questions, {len(test)} held-out ones; {args.max_steps} "

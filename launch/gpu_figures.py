@@ -10,8 +10,8 @@ quality), trained on the embedded corpus (repeated to fill the steps):
 - LLaMA-7B's shape in bf16 weights with gradient checkpointing at the LOMO paper's 8 x 512 (its Table 1): lomo and
   adalomo, the CUDA peak beside the estimate and the paper's figure.
 Per case: the median s/step and tokens/s after the warm-up steps, MFU (against the GPU's dense bf16 peak,
-recipes/core/throughput.py), the run's CUDA peak allocated (max over every phase), and the estimator's run peak for
-the same setting (recipes/core/memory_estimate.py). The report is rewritten after every case (report.md,
+recipes/core/run/throughput.py), the run's CUDA peak allocated (max over every phase), and the estimator's run peak for
+the same setting (recipes/core/memory/estimate.py). The report is rewritten after every case (report.md,
 report.json), so a run cut short keeps what it measured; `--cases` picks cases by name, `--budget_s` stops starting
 new ones when the time left would not cover them. Run folders are deleted after each case is read.
 """
@@ -48,7 +48,7 @@ WARMUP_STEPS = 3  # the first steps (allocator growth, kernel selection, compila
 
 
 def write_corpus(path: Path, repeats: int) -> int:
-    from optimizer_recipes.core.embedded import train_documents
+    from optimizer_recipes.core.data.embedded import train_documents
 
     documents = train_documents() * repeats
     path.write_text("".join(doc + "\n" for doc in documents))
@@ -73,8 +73,8 @@ def precision_of(flags: list[str]) -> str:
 def estimated_gib(recipe_name: str, model: Path, flags: list[str], batch: int, block: int) -> float:
     from transformers import AutoConfig
 
-    from optimizer_recipes.core.memory_estimate import estimate, meta_model
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.memory.estimate import estimate, meta_model
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     recipe = next(r for r in all_recipes() if r.name == recipe_name)
     e = estimate(recipe, meta_model(None, config=AutoConfig.from_pretrained(model)), precision_of(flags), batch,
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     import transformers
 
     from launch.make_model import write_model
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.run.throughput import hardware
 
     work, report_dir = Path(args.work_dir), Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ chat template, loadable with `from_pretrained` and by every recipe's --model_nam
 
 A recipe also takes the .gguf file itself (`--model_name_or_path model.gguf`), paying the dequantization (tens of
 seconds for a 135M model on 2 CPU cores) at every start; importing once pays it once. Method:
-recipes/core/gguf_source.py.
+recipes/core/models/gguf_source.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
-from optimizer_recipes.core.config import ConfigError  # noqa: E402
-from optimizer_recipes.core.gguf_source import INSTALL_PACKAGED_MODEL, check_file, import_folder, packaged_model_file  # noqa: E402
-from optimizer_recipes.core.sources import DTYPES  # noqa: E402
+from optimizer_recipes.core.run.config import ConfigError  # noqa: E402
+from optimizer_recipes.core.models.gguf_source import INSTALL_PACKAGED_MODEL, check_file, import_folder, packaged_model_file  # noqa: E402
+from optimizer_recipes.core.models.sources import DTYPES  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -48,8 +48,8 @@ def load(args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from optimizer_recipes.core.embedded import write_scaled_model
-    from optimizer_recipes.core.run_setup import enable_gradient_checkpointing
+    from optimizer_recipes.core.data.embedded import write_scaled_model
+    from optimizer_recipes.core.run.run_setup import enable_gradient_checkpointing
 
     with tempfile.TemporaryDirectory() as folder:  # the embedded model: a seeded copy, as the benchmark makes
         path = args.model_name_or_path or write_scaled_model(Path(folder) / "model")
@@ -62,7 +62,7 @@ def load(args):
 def batches(model, args) -> dict[str, dict]:
     import torch
 
-    from optimizer_recipes.core.chat_masks import IGNORE_INDEX
+    from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(0)
     shape = (args.per_device_train_batch_size, args.block_size)
@@ -94,8 +94,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from optimizer_recipes.core.throughput import hardware
-    from optimizer_recipes.core.token_loss import ChunkedLoss, FullLogitsLoss, row_losses_from_logits
+    from optimizer_recipes.core.run.throughput import hardware
+    from optimizer_recipes.core.run.token_loss import ChunkedLoss, FullLogitsLoss, row_losses_from_logits
 
     model = load(args)
     head = model.get_output_embeddings()

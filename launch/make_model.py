@@ -45,8 +45,8 @@ def write_model(shape: str, out: Path, dtype: str = "bfloat16", seed: int = 0, m
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from optimizer_recipes.core import embedded
-    from optimizer_recipes.core.memory import GIB, peak_rss_bytes
+    from optimizer_recipes.core.data import embedded
+    from optimizer_recipes.core.memory.profile import GIB, peak_rss_bytes
 
     fields = json.loads(shape_file(shape).read_text())
     fields.pop("_comment", None)

@@ -6,7 +6,7 @@
 Every (size, dtype) gets its operands and one warm-up call first; then rounds interleave the dtypes (fp32, bf16,
 fp32, bf16, ...), one timed call each. The table gives the median GFLOP/s over rounds and the median of each round's
 bf16 / fp32 ratio (the machine may be shared: a round's ratio is what to trust). Recipes measure the 1024^3 case at
-start-up in their compute dtype (recipes/core/throughput.py) and log MFU against it.
+start-up in their compute dtype (recipes/core/run/throughput.py) and log MFU against it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from optimizer_recipes.core.throughput import CpuMatmul, hardware
+    from optimizer_recipes.core.run.throughput import CpuMatmul, hardware
 
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

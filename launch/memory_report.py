@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
-from optimizer_recipes.core.embedded import generate_corpus, write_scaled_model  # noqa: E402
-from optimizer_recipes.core.memory import CATEGORIES  # noqa: E402
-from optimizer_recipes.core.memory_estimate import estimate, meta_model  # noqa: E402
-from optimizer_recipes.core.optimizer_recipe import all_recipes  # noqa: E402
-from optimizer_recipes.core.throughput import hardware  # noqa: E402
+from optimizer_recipes.core.data.embedded import generate_corpus, write_scaled_model  # noqa: E402
+from optimizer_recipes.core.memory.profile import CATEGORIES  # noqa: E402
+from optimizer_recipes.core.memory.estimate import estimate, meta_model  # noqa: E402
+from optimizer_recipes.core.optimizers.protocol import all_recipes  # noqa: E402
+from optimizer_recipes.core.run.throughput import hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ESTIMATED = ("parameters", "gradients", "optimizer_state", "activations")
@@ -48,8 +48,8 @@ def write_corpus(path: Path, args) -> int:
     """Generated documents with enough tokens for every training step and one evaluation batch of full rows;
     returns the share of them (%) to hold out for validation."""
     from optimizer_recipes.adamw import RECIPE
-    from optimizer_recipes.core.config import parse_config
-    from optimizer_recipes.core.sources import load_tokenizer
+    from optimizer_recipes.core.run.config import parse_config
+    from optimizer_recipes.core.models.sources import load_tokenizer
 
     tokenizer = load_tokenizer(parse_config(RECIPE, ["--output_dir", str(path.parent / "unused")] + (
         ["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else [])))

@@ -11,7 +11,7 @@ best in the comparison (--comparison, default docs/finetune/results.json), three
   results.json, or trained here where it has none;
 - bf16, to nearest: `--dtype bfloat16 --stochastic_rounding false` (what a run without fp32 master weights did
   before stochastic rounding);
-- bf16, stochastic: `--dtype bfloat16` (the default for bf16 weights: recipes/core/stochastic_rounding.py).
+- bf16, stochastic: `--dtype bfloat16` (the default for bf16 weights: recipes/core/per_tensor/stochastic_rounding.py).
 Every run is launch/finetune_comparison.py's (`train_run`: its own process, answer-only loss, held-out questions
 phrased unlike the training ones, greedy generation); the table gives held-out accuracy and the answer-token eval
 loss (results.json keeps each run's s/step too, which depends on what else shared the machine: `launch/precision_speed.py`
@@ -79,8 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs_dir", default=None, help="each run's folder; default output_dir/runs")
     args = parser.parse_args(argv)
 
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
+    from optimizer_recipes.core.run.throughput import hardware
 
     earlier = json.loads(Path(args.comparison).read_text())
     protocol = argparse.Namespace(**{k: earlier["arguments"][k] for k in PROTOCOL},

@@ -45,7 +45,7 @@ def one_run(args, flags: list[str], out: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.run.throughput import hardware
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None)

@@ -14,7 +14,7 @@ For each recipe, one process, pure bf16 weights (`--dtype bfloat16`) with gradie
    and one save.
 Each run's `results.json` has its peak per phase (`phase_peak_<phase>_gib`: the process's RSS on a CPU, CUDA's
 max allocated on a GPU); they are tabled beside the estimator's run peak plus the process's baseline
-(`recipes/core/memory_check.py`, what the pre-flight check uses), with s/step, tokens/s and achieved FLOP/s. The
+(`recipes/core/memory/check.py`, what the pre-flight check uses), with s/step, tokens/s and achieved FLOP/s. The
 model folder is written by `launch/make_model.py` (random weights: the figures are memory and speed, never quality)
 and every run folder is deleted after it is read (a 7B save is 13 GB): `--keep` keeps them. Writes report.md and
 report.json to --output_dir.
@@ -40,7 +40,7 @@ PHASES = ("loading", "training", "evaluation", "saving")
 
 def write_text_data(path: Path, documents: int) -> None:
     """A small plain-text file of the embedded corpus: 5% of it (at least one line) is held out for evaluation."""
-    from optimizer_recipes.core.embedded import train_documents
+    from optimizer_recipes.core.data.embedded import train_documents
 
     path.write_text("".join(doc + "\n" for doc in train_documents()[:documents]))
 
@@ -66,7 +66,7 @@ def drop_final_save(out: Path) -> None:
 
 
 def recipe_named(name: str):
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     return next(r for r in all_recipes() if r.name == name)
 
@@ -107,11 +107,11 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from optimizer_recipes.core.memory_check import PROCESS_BASELINE
-    from optimizer_recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory.check import PROCESS_BASELINE
+    from optimizer_recipes.core.memory.estimate import estimate, meta_model
     recipe = recipe_named(recipe_name)
     if args.optimizer_in_backward and not recipe.updates_in_backward:
-        from optimizer_recipes.core.in_backward import UpdatesInBackward
+        from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
 
         recipe = UpdatesInBackward(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,7 +124,7 @@ def estimated(recipe_name: str, model: Path, args) -> dict:
 
 
 def report(rows: dict, args, shape: str, parameters: int) -> str:
-    from optimizer_recipes.core.throughput import hardware
+    from optimizer_recipes.core.run.throughput import hardware
 
     lines = [f"# {shape} fully fine-tuned: every phase's peak against the estimate", "",
              f"{parameters / 1e9:.2f}B parameters (random weights), bf16 weights (updates rounded stochastically), "
@@ -135,7 +135,7 @@ def report(rows: dict, args, shape: str, parameters: int) -> str:
              "compares). Fresh: a "
              f"{args.max_steps}-step run; resumed: one more step from its checkpoint (loading includes reading the "
              "checkpoint). s/step: the median after each process's first step; MFU: achieved FLOP/s over "
-             "this CPU's bf16 matmul rate measured at start-up (recipes/core/throughput.py).", "",
+             "this CPU's bf16 matmul rate measured at start-up (recipes/core/run/throughput.py).", "",
              "| recipe | run | loading | training | evaluation | saving | run peak | estimate (+baseline) | "
              "peak / estimate | s/step | first step s | tokens/s | achieved GFLOP/s | MFU |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
 
     parameters = made["parameters"] if made else None
     if parameters is None:
-        from optimizer_recipes.core.memory_estimate import meta_model
+        from optimizer_recipes.core.memory.estimate import meta_model
 
         parameters = sum(p.numel() for p in meta_model(None, config=AutoConfig.from_pretrained(model)).parameters())
     (report_dir / "report.json").write_text(json.dumps({"shape": args.shape, "parameters": parameters,

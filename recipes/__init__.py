@@ -16,7 +16,7 @@ sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _here]
 
 def _interrupted_while_starting(signum, frame) -> None:
     """Ctrl-C while a recipe imports torch and transformers (seconds): one line, not a traceback from an import.
-    The run's own handlers (recipes/core/preemption.py) take over once it starts."""
+    The run's own handlers (recipes/core/run/preemption.py) take over once it starts."""
     print(f"{Path(sys.argv[0]).stem}: SIGINT received before the first step: nothing to save, stopped (nothing "
           "written to --output_dir); rerun the same command to start", file=sys.stderr)
     os._exit(128 + signal.SIGINT)

@@ -15,13 +15,14 @@ Built with relative_step=False, scale_parameter=False, warmup_init=False, so --l
 
 from transformers.optimization import Adafactor
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, factored_numel,
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import (OptimizerRecipe, decay_parameter_groups, factored_numel,
                                            refuse_flattened_partitions)
 
 
 class AdafactorRecipe(OptimizerRecipe):
     name = "adafactor"
+    order = 2
     default_learning_rate = 3e-3
     fine_tuning_learning_rate = 6e-5  # with --model_name_or_path: see the docstring
 

@@ -1,7 +1,7 @@
 """AdaLomo (lomo_optim.AdaLomo): LOMO with Adafactor-style factored second moments, fused into backward.
 
 The update is scaled by each parameter's RMS, so lr is relative (authors: 1e-3 or 5e-4 when fine-tuning).
-Built as LinearTimeAdaLomo (recipes/core/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per
+Built as LinearTimeAdaLomo (recipes/core/fused_backward/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per
 parameter (lomo-optim's hooks each scan every parameter), with its state on the model's device (lomo-optim 0.1.1
 puts it on CUDA unconditionally, which fails on CPU) and in the checkpoint.
 Learning rate: --learning_rate, else 5e-4 with --model_name_or_path (the AdaLomo authors recommend 1e-3 or 5e-4;
@@ -13,19 +13,21 @@ Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_val
 checkpointing, --bf16.
 Works under DDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3
 (accelerate_configs/zero3.yaml: parameters partitioned and gathered per layer, each rank updating its partition in
-the hooks, no DeepSpeed engine; see recipes/core/engine_free_zero3.py).
+the hooks, no DeepSpeed engine; see recipes/core/fused_backward/engine_free_zero3.py).
 Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
 ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters offloaded to CPU, FSDP (its
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
-from optimizer_recipes.core.lomo_updates import LinearTimeAdaLomo
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, factored_numel, largest_numel
+from optimizer_recipes.core.fused_backward.lomo_updates import LinearTimeAdaLomo
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
+from optimizer_recipes.core.optimizers.protocol import factored_numel, largest_numel
 
 
 class AdaLomoRecipe(FusedBackwardRecipe):
     name = "adalomo"
+    order = 5
     default_learning_rate = 1e-1  # a from-scratch tiny model has small weights; use 1e-3..5e-4 for fine-tuning
     fine_tuning_learning_rate = 5e-4  # with --model_name_or_path: see the docstring
     reads_flags = ("clip_grad_value", "loss_scale")

@@ -13,12 +13,13 @@ checkpoints do not resume exactly (docs/distributed.md).
 
 import torch
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, decay_parameter_groups, numel
 
 
 class AdamWRecipe(OptimizerRecipe):
     name = "adamw"
+    order = 1
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")

@@ -19,8 +19,8 @@ process-wide GlobalOptimManager, which keys parameters by id() (reused by a late
 Install: pip install -e ".[bnb]".
 """
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
                                            refuse_flattened_partitions)
 
 BLOCK = 256  # elements per quantization block (bitsandbytes' blockwise 8-bit optimizers)
@@ -30,6 +30,7 @@ QUANTILES = 256  # entries of each moment's quantization map (fp32)
 
 class AdamW8bitRecipe(OptimizerRecipe):
     name = "adamw_8bit"
+    order = 11
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")

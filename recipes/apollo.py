@@ -19,7 +19,7 @@ DDP (every process draws the same projection from the same seed).
 Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no rows and columns to project; LLaMA-Factory refuses it
 too) and FSDP (apollo-torch keys each projection seed by the parameters it was built with, which FSDP2 replaces
 with their shards: measured, its first step stops with KeyError: 'seed').
-Built as APOLLOAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): apollo-torch keeps each
+Built as APOLLOAdamWWithCheckpointableProjectors (recipes/core/low_rank/fixes.py): apollo-torch keeps each
 projector, with the seed of its next projection, as an object that a resume (torch.load with weights_only=True)
 refuses. Its per-layer variant (apollo_adamw_layerwise) is
 --optimizer_in_backward true here, on one process or DDP, resuming exactly.
@@ -27,12 +27,13 @@ Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only); it is an option
 project: pip install -e ".[apollo]".
 """
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.low_rank import LowRankRecipe
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.low_rank.recipe import LowRankRecipe
 
 
 class ApolloRecipe(LowRankRecipe):
     name = "apollo"
+    order = 9
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "apollo_rank",
@@ -79,7 +80,7 @@ class ApolloRecipe(LowRankRecipe):
                 "update_proj_gap": o.apollo_update_interval, "scale": o.apollo_scale, "proj_type": o.apollo_proj_type}
 
     def build_optimizer(self, groups, config):
-        from optimizer_recipes.core.low_rank_fixes import apollo_adamw
+        from optimizer_recipes.core.low_rank.fixes import apollo_adamw
 
         t, o = config.train, config.optim
         return apollo_adamw()(groups, lr=t.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon)

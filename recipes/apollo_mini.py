@@ -12,11 +12,12 @@ Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only): pip install -e 
 """
 
 from optimizer_recipes.apollo import ApolloRecipe
-from optimizer_recipes.core.loop import main
+from optimizer_recipes.core.run.loop import main
 
 
 class ApolloMiniRecipe(ApolloRecipe):
     name = "apollo_mini"
+    order = 10
     default_rank = 1
     default_scale = 128.0
     default_scale_type = "tensor"

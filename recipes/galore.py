@@ -18,18 +18,19 @@ DDP (every process computes the same SVD of the same averaged gradient).
 Refuses: DeepSpeed ZeRO (its flat 1-D partitions have no matrix to take an SVD of; LLaMA-Factory refuses it too),
 FSDP2 (it trains as one process does, but a run resumed from its checkpoint does not continue exactly: measured 3e-4
 off in the loss, cause not found).
-Built as GaLoreAdamWWithCheckpointableProjectors (recipes/core/low_rank_fixes.py): galore-torch keeps each
+Built as GaLoreAdamWWithCheckpointableProjectors (recipes/core/low_rank/fixes.py): galore-torch keeps each
 projector as an object that a resume (torch.load with weights_only=True) refuses. Its per-layer variant
 (Transformers' galore_adamw_layerwise: each matrix updated inside backward, its gradient then freed) is
 --optimizer_in_backward true here, on one process or DDP, resuming exactly. Install: pip install -e ".[galore]".
 """
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.low_rank import LowRankRecipe
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.low_rank.recipe import LowRankRecipe
 
 
 class GaLoreRecipe(LowRankRecipe):
     name = "galore"
+    order = 8
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 1e-4  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "galore_rank",
@@ -72,7 +73,7 @@ class GaLoreRecipe(LowRankRecipe):
                 "proj_type": o.galore_proj_type}
 
     def build_optimizer(self, groups, config):
-        from optimizer_recipes.core.low_rank_fixes import galore_adamw
+        from optimizer_recipes.core.low_rank.fixes import galore_adamw
 
         t, o = config.train, config.optim
         return galore_adamw()(groups, lr=t.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,

@@ -22,13 +22,14 @@ Memory: 3 state tensors per parameter, kept on the CPU by grokadamw 0.1.2.
 
 import math
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
-from optimizer_recipes.core.optimizer_wrappers import unwrap_optimizer
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
+from optimizer_recipes.core.optimizers.wrappers import unwrap_optimizer
 
 
 class GrokAdamWRecipe(OptimizerRecipe):
     name = "grokadamw"
+    order = 3
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 6e-5  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "grokadamw_alpha_init", "grokadamw_lamb",

@@ -2,7 +2,7 @@
 
 Each parameter is updated by a hook as its gradient arrives, at the scheduled lr of the step
 (optimizer.fused_backward(loss, lr)); there is no optimizer.step(). Built as LinearTimeLomo
-(recipes/core/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per parameter (lomo-optim's hooks
+(recipes/core/fused_backward/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per parameter (lomo-optim's hooks
 each scan every parameter, a cost that grows with the square of the tensor count), 16-bit weights upcast in chunks.
 Learning rate: --learning_rate, else 1e-2 with --model_name_or_path (a third of the LOMO authors' 3e-2
 (config/args_lomo.yaml), which they pair with clip_grad_norm 1.0, off here by default; fine-tuning
@@ -13,19 +13,21 @@ Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_val
 clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
 Works under DDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3
 (accelerate_configs/zero3.yaml: parameters partitioned and gathered per layer, each rank updating its partition in
-the hooks, no DeepSpeed engine; see recipes/core/engine_free_zero3.py).
+the hooks, no DeepSpeed engine; see recipes/core/fused_backward/engine_free_zero3.py).
 Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
 ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters offloaded to CPU, FSDP (its
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
-from optimizer_recipes.core import lomo_updates
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, largest_numel
+from optimizer_recipes.core.fused_backward import lomo_updates
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
+from optimizer_recipes.core.optimizers.protocol import largest_numel
 
 
 class LomoRecipe(FusedBackwardRecipe):
     name = "lomo"
+    order = 4
     default_learning_rate = 0.5  # plain SGD on the from-scratch tiny model; tune it for a pretrained LLM
     fine_tuning_learning_rate = 1e-2  # with --model_name_or_path: see the docstring
     reads_flags = ("clip_grad_value",)

@@ -10,16 +10,17 @@ Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
 Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is
 evaluated and saved there too, and under ZeRO-3 (which steps the optimizer once per parameter sub-group) its step
-counters advance once per step (recipes/core/deepspeed_fixes.py).
+counters advance once per step (recipes/core/schedule_free/deepspeed_fixes.py).
 Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
 """
 
 import schedulefree
 
-from optimizer_recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
-from optimizer_recipes.core.schedule_free_fixes import FirstStepInAnyMode
+from optimizer_recipes.core.schedule_free.deepspeed_fixes import CountersAdvanceOncePerStep
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import decay_parameter_groups, numel
+from optimizer_recipes.core.schedule_free.recipe import ScheduleFreeRecipe
+from optimizer_recipes.core.schedule_free.fixes import FirstStepInAnyMode
 
 
 class AdamWScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefree.AdamWScheduleFree):
@@ -29,6 +30,7 @@ class AdamWScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedule
 
 class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):
     name = "schedule_free_adamw"
+    order = 6
     default_learning_rate = 2.5e-3
     fine_tuning_learning_rate = 1.5e-4  # with --model_name_or_path: see the docstring
     reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")

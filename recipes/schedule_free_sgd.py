@@ -10,16 +10,17 @@ Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --
 --weight_decay on matrices only, --sgd_momentum.
 Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is
 evaluated and saved there too, and under ZeRO-3 (which steps the optimizer once per parameter sub-group) its step
-counters advance once per step (recipes/core/deepspeed_fixes.py).
+counters advance once per step (recipes/core/schedule_free/deepspeed_fixes.py).
 Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
 """
 
 import schedulefree
 
-from optimizer_recipes.core.deepspeed_fixes import CountersAdvanceOncePerStep
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import ScheduleFreeRecipe, decay_parameter_groups, numel
-from optimizer_recipes.core.schedule_free_fixes import FirstStepInAnyMode
+from optimizer_recipes.core.schedule_free.deepspeed_fixes import CountersAdvanceOncePerStep
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import decay_parameter_groups, numel
+from optimizer_recipes.core.schedule_free.recipe import ScheduleFreeRecipe
+from optimizer_recipes.core.schedule_free.fixes import FirstStepInAnyMode
 
 
 class SGDScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefree.SGDScheduleFree):
@@ -29,6 +30,7 @@ class SGDScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefr
 
 class ScheduleFreeSGDRecipe(ScheduleFreeRecipe):
     name = "schedule_free_sgd"
+    order = 7
     default_learning_rate = 1.0
     fine_tuning_learning_rate = 3e-2  # with --model_name_or_path: see the docstring
     reads_flags = ("sgd_momentum",)

@@ -15,12 +15,13 @@ Refuses: DeepSpeed ZeRO (its flat partitions would clip one partition of many te
 Install: pip install -e ".[optimi]".
 """
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
 
 
 class StableAdamWRecipe(OptimizerRecipe):
     name = "stable_adamw"
+    order = 12
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5
     default_max_grad_norm = 0.0  # the update clipping bounds each tensor's step

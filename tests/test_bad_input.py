@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from optimizer_recipes.core.config import MODEL_FILES
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import all_recipes
+from optimizer_recipes.core.run.config import MODEL_FILES
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from tests.conftest import launch, run_here, smoke
 
 CASES = {

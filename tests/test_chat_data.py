@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from optimizer_recipes.adamw import RECIPE as ADAMW
-from optimizer_recipes.core.chat_masks import IGNORE_INDEX, assistant_mask, tokenize_example
-from optimizer_recipes.core.config import ConfigError, parse_config
-from optimizer_recipes.core.data import build_datasets, load_raw_datasets
-from optimizer_recipes.core.data_formats import Conversation
-from optimizer_recipes.core.embedded import EMBEDDED_DIR, chat_conversations
-from optimizer_recipes.core.packing import PaddingCollator, best_fit_decreasing
+from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX, assistant_mask, tokenize_example
+from optimizer_recipes.core.run.config import ConfigError, parse_config
+from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
+from optimizer_recipes.core.data.formats import Conversation
+from optimizer_recipes.core.data.embedded import EMBEDDED_DIR, chat_conversations
+from optimizer_recipes.core.data.packing import PaddingCollator, best_fit_decreasing
 
 EOS = "<|endoftext|>"
 QA = [("what is two plus three?", "two plus three is five."), ("count from four.", "four, five, six, seven."),
@@ -246,7 +246,7 @@ def test_packed_examples_get_the_logits_they_get_alone(attn_implementation, tmp_
 
 
 def test_packing_is_refused_for_an_attention_that_would_mix_the_examples(tmp_path):
-    from optimizer_recipes.core.run_setup import check_packed_examples_stay_apart
+    from optimizer_recipes.core.run.run_setup import check_packed_examples_stay_apart
 
     records = [{"messages": c} for c in chat_conversations(20, seed=3)]
     (rows, _), _ = rows_of(tmp_path, records, "--validation_split_percentage", "10")

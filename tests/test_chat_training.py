@@ -10,12 +10,12 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimizer_recipes.core.config import MODEL_FILES, parse_config
-from optimizer_recipes.core.data import load_raw_datasets
-from optimizer_recipes.core.embedded import CHAT_TEMPLATE
-from optimizer_recipes.core.loop import evaluate
-from optimizer_recipes.core.optimizer_recipe import all_recipes
-from optimizer_recipes.core.run_setup import build_dataloaders
+from optimizer_recipes.core.run.config import MODEL_FILES, parse_config
+from optimizer_recipes.core.data.loading import load_raw_datasets
+from optimizer_recipes.core.data.embedded import CHAT_TEMPLATE
+from optimizer_recipes.core.run.loop import evaluate
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.run_setup import build_dataloaders
 from tests.conftest import assert_shared_launch_ran, read_metrics, results, run_here, train_losses, two_process_run
 
 RECIPES = {r.name: r for r in all_recipes()}
@@ -149,7 +149,7 @@ def test_bad_data_fails_with_one_line_before_the_model_loads(case, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records * 20))
     if "TOKENIZER_WITHOUT_TEMPLATE" in flags:
-        from optimizer_recipes.core.embedded import EMBEDDED_DIR
+        from optimizer_recipes.core.data.embedded import EMBEDDED_DIR
 
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
         tokenizer.chat_template = None

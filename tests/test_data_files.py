@@ -13,11 +13,11 @@ import sys
 import pytest
 import yaml
 
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.data import build_datasets, load_raw_datasets
-from optimizer_recipes.core.data_files import check_data_files
-from optimizer_recipes.core.optimizer_recipe import all_recipes
-from optimizer_recipes.core.sources import load_tokenizer
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
+from optimizer_recipes.core.data.files import check_data_files
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.models.sources import load_tokenizer
 from tests.conftest import REPO, offline_env, run_here
 
 ADAMW = next(r for r in all_recipes() if r.name == "adamw")

@@ -20,8 +20,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimizer_recipes.core.compatibility import DISTRIBUTED_CONFIGS, launch_setup, refusal
-from optimizer_recipes.core.optimizer_recipe import all_recipes
+from optimizer_recipes.core.optimizers.compatibility import DISTRIBUTED_CONFIGS, launch_setup, refusal
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from tests.conftest import (CONFIGS, REPO, assert_same_weights, assert_shared_launch_ran, cpu_env, free_port, launch,
                             offline_env, read_metrics, results, run_flags, run_here, train_losses, two_process_run)
 
@@ -152,8 +152,8 @@ def environment_of(config: str) -> dict[str, str]:
 def test_every_refused_cell_is_refused_at_start_up_with_a_way_out(recipe, config, tmp_path, capsys, monkeypatch):
     """Each refused cell, in-process with the environment its config file's launch sets: exit 2 and one line that
     names the recipe, the setup and a config file this recipe works under (a working cell of the matrix)."""
-    from optimizer_recipes.core.launch_setup import LaunchSetup
-    from optimizer_recipes.core.loop import main
+    from optimizer_recipes.core.run.launch_setup import LaunchSetup
+    from optimizer_recipes.core.run.loop import main
 
     for name, value in environment_of(config).items():
         monkeypatch.setenv(name, value)
@@ -195,7 +195,7 @@ def test_deepspeed_follows_the_accumulation_and_clipping_flags(config, tmp_path,
 def test_lomo_global_norm_clipping_under_zero3_is_refused_with_the_alternative(tmp_path, capsys, monkeypatch):
     """ZeRO-3 frees each layer's gathered parameters after the norm pass; the refusal names the flags that work
     (in-process, with the environment a zero3.yaml launch sets)."""
-    from optimizer_recipes.core.loop import main
+    from optimizer_recipes.core.run.loop import main
 
     for name, value in environment_of("zero3.yaml").items():
         monkeypatch.setenv(name, value)
@@ -246,7 +246,7 @@ def test_a_deepspeed_json_config_decides_the_setup(tmp_path, one_process_runs, c
     assert resolved["num_processes"] == 2 and resolved["launch"] == "DeepSpeed ZeRO-3"
     assert train_losses(out) == pytest.approx(train_losses(one_process_runs("lomo")), rel=TOLERANCE)
     # the refusals follow the JSON too (in-process, with what accelerate passes for such a file: the file, no stage)
-    from optimizer_recipes.core.loop import main
+    from optimizer_recipes.core.run.loop import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.optimizer_recipe import all_recipes
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from tests.conftest import results, run_here, shared_output, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}

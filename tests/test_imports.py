@@ -15,7 +15,7 @@ PACKAGE = REPO / "recipes"
 
 
 def module_name(path: Path) -> str:
-    """recipes/core/loop.py -> optimizer_recipes.core.loop (the folder is installed under the package's name)."""
+    """recipes/core/run/loop.py -> optimizer_recipes.core.run.loop (the folder is installed under the package's name)."""
     parts = ("optimizer_recipes", *path.relative_to(PACKAGE).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -29,7 +29,7 @@ def project_imports(path: Path) -> set[str]:
         if id(node) in type_only:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optimizer_recipes"):
-            for alias in node.names:  # `from optimizer_recipes.core import embedded` imports the module optimizer_recipes.core.embedded
+            for alias in node.names:  # `from optimizer_recipes.core.data import embedded` imports the module optimizer_recipes.core.data.embedded
                 candidate = f"{node.module}.{alias.name}"
                 found.add(candidate if (PACKAGE / (candidate.split(".", 1)[1].replace(".", "/") + ".py")).is_file()
                           else node.module)
@@ -68,13 +68,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_module_imports_itself_through_others():
     graph = import_graph()
-    assert "optimizer_recipes.core.loop" in graph and graph["optimizer_recipes.core.loop"]  # the graph was read
+    assert "optimizer_recipes.core.run.loop" in graph and graph["optimizer_recipes.core.run.loop"]  # the graph was read
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
 
 def test_the_configuration_imports_nothing_that_reads_it():
-    assert import_graph()["optimizer_recipes.core.config"] <= {"optimizer_recipes.core.launch_setup"}
+    assert import_graph()["optimizer_recipes.core.run.config"] <= {"optimizer_recipes.core.run.launch_setup"}
 
 
 def test_a_cycle_is_found_when_there_is_one():

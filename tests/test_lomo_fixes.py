@@ -6,7 +6,7 @@ import pytest
 import torch
 from lomo_optim import AdaLomo
 
-from optimizer_recipes.core.lomo_fixes import AdaLomoOnModelDevice
+from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
 
 
 def tiny_model():

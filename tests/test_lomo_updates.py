@@ -14,10 +14,10 @@ import torch
 from lomo_optim import AdaLomo, Lomo
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from optimizer_recipes.core import lomo_updates
-from optimizer_recipes.core.embedded import EMBEDDED_DIR
-from optimizer_recipes.core.lomo_fixes import AdaLomoOnModelDevice
-from optimizer_recipes.core.lomo_updates import LinearTimeAdaLomo, LinearTimeLomo
+from optimizer_recipes.core.fused_backward import lomo_updates
+from optimizer_recipes.core.data.embedded import EMBEDDED_DIR
+from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
+from optimizer_recipes.core.fused_backward.lomo_updates import LinearTimeAdaLomo, LinearTimeLomo
 from tests.conftest import CONFIGS, REPO, free_port, offline_env
 
 STEPS = 3
@@ -138,7 +138,7 @@ def update_peak_bytes(optimizer_class, dtype: torch.dtype) -> int:
                                                     ("adalomo", LinearTimeAdaLomo, AdaLomoOnModelDevice)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_estimator_counts_what_an_update_holds(recipe, ours, upstream, dtype, monkeypatch):
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     chunk = 512 * 512 // 8
     monkeypatch.setattr(lomo_updates, "UPDATE_CHUNK", chunk)

@@ -14,8 +14,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from optimizer_recipes.core.embedded import write_scaled_model
-from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, FusedBackwardRecipe, all_recipes
+from optimizer_recipes.core.data.embedded import write_scaled_model
+from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
+from optimizer_recipes.core.optimizers.protocol import all_recipes, recipe_names
 from tests.conftest import REAL_MODEL_BLOCK, REPO, offline_env, read_metrics, run_here, shared_output
 
 # A second size where hidden >= 256, so factored moments are small next to the matrices they describe.
@@ -40,7 +41,7 @@ def profiled_in_process(out: Path) -> None:
     sys.path.insert(0, str(REPO / "launch"))
     import memory_report as tool
 
-    from optimizer_recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory.estimate import estimate, meta_model
 
     settings = argparse.Namespace(model_name_or_path=None, max_steps=3, per_device_train_batch_size=8,
                                   per_device_eval_batch_size=8, block_size=64)
@@ -95,7 +96,7 @@ def test_measured_breakdown_shows_what_lomo_and_adalomo_save(reports, medium_mod
 @pytest.mark.parametrize("size", ["tiny", "medium"])
 def test_estimate_agrees_with_measurement_within_10_percent(reports, size):
     folder, report = reports[size]
-    assert set(report["recipes"]) == set(RECIPE_NAMES if size == "tiny" else MEDIUM_RECIPES)
+    assert set(report["recipes"]) == set(recipe_names() if size == "tiny" else MEDIUM_RECIPES)
     for name, row in report["recipes"].items():
         for category in ESTIMATED:
             measured, estimated = row["measured"]["breakdown"][category], row["estimate"][category]
@@ -142,7 +143,7 @@ def test_estimate_command_prints_every_recipe_side_by_side():
                           cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| per device"))
-    assert all(f"`{name}`" in header for name in RECIPE_NAMES)
+    assert all(f"`{name}`" in header for name in recipe_names())
     assert "| total vs adamw | 1.00x" in proc.stdout
     assert "bf16-mixed" in proc.stdout and "gradient checkpointing on" in proc.stdout  # the recipes' spellings
     totals, with_baseline = ([cell.strip() for cell in line.split("|")[2:-1]] for line in proc.stdout.splitlines()
@@ -155,7 +156,7 @@ def test_estimate_command_prints_every_recipe_side_by_side():
 def test_estimate_agrees_with_the_real_models_whole_run_peak(real_model_runs, real_model, loss):
     """SmolLM2-135M-Instruct, LOMO, 1 x 512 tokens: the run's tensor peak (a training step's or
     the evaluation's) as the estimator computes it from the config alone."""
-    from optimizer_recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory.estimate import estimate, meta_model
 
     measured = json.loads((real_model_runs[loss] / "memory_profile.json").read_text())
     validation_rows = yaml.safe_load((real_model_runs[loss] / "run_config.yaml").read_text())["data_summary"][

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from optimizer_recipes.core import memory_check
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.memory_check import ALLOCATOR_SLACK, ESTIMATE_ERROR, GIB, PROCESS_BASELINE
-from optimizer_recipes.core.memory_estimate import estimate, meta_model
-from optimizer_recipes.core.optimizer_recipe import all_recipes
+from optimizer_recipes.core.memory import check as memory_check
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.memory.check import ALLOCATOR_SLACK, ESTIMATE_ERROR, GIB, PROCESS_BASELINE
+from optimizer_recipes.core.memory.estimate import estimate, meta_model
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from tests.conftest import REPO, launch, results, run_here, shared_output
 
 RECIPES = {r.name: r for r in all_recipes()}
@@ -23,7 +23,7 @@ MID_SIZES = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, n
 
 @pytest.fixture(scope="module")
 def mid_model(tmp_path_factory):
-    from optimizer_recipes.core.embedded import write_scaled_model
+    from optimizer_recipes.core.data.embedded import write_scaled_model
 
     return shared_output(tmp_path_factory, "llama-19m", lambda out: write_scaled_model(out / "model", **MID_SIZES)) \
         / "model"

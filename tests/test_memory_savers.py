@@ -10,12 +10,12 @@ import io
 import pytest
 import torch
 
-from optimizer_recipes.core import low_rank_fixes
-from optimizer_recipes.core.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.low_rank import target_matrices
-from optimizer_recipes.core.optimizer_recipe import all_recipes, parameter_roles
-from optimizer_recipes.core.sources import load_model, load_model_config
+from optimizer_recipes.core.low_rank import fixes as low_rank_fixes
+from optimizer_recipes.core.run.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.low_rank.recipe import target_matrices
+from optimizer_recipes.core.optimizers.protocol import all_recipes, parameter_roles
+from optimizer_recipes.core.models.sources import load_model, load_model_config
 
 RECIPES = {r.name: r for r in all_recipes()}
 MEMORY_SAVERS = ("galore", "apollo", "apollo_mini", "adamw_8bit", "stable_adamw")

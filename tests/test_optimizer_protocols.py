@@ -7,9 +7,9 @@ import schedulefree
 import torch
 from safetensors.torch import load_file
 
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.deepspeed_fixes import GROUP_COUNTERS
-from optimizer_recipes.core.loop import train
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.schedule_free.deepspeed_fixes import GROUP_COUNTERS
+from optimizer_recipes.core.run.loop import train
 from optimizer_recipes.lomo import LomoRecipe
 from optimizer_recipes.schedule_free_adamw import AdamWScheduleFree, ScheduleFreeAdamWRecipe
 from optimizer_recipes.schedule_free_sgd import SGDScheduleFree

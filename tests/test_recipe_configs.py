@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from optimizer_recipes.core.config import ConfigError, parse_config
-from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from optimizer_recipes.core.run.config import ConfigError, parse_config
+from optimizer_recipes.core.optimizers.protocol import recipe_names, all_recipes
 from tests.conftest import REPO
 
 RECIPES = {r.name: r for r in all_recipes()}
 CONFIGS = REPO / "recipes" / "configs"
 
 
-@pytest.mark.parametrize("name", RECIPE_NAMES)
+@pytest.mark.parametrize("name", recipe_names())
 def test_each_recipe_has_a_chat_config_that_its_parser_accepts(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # output_dir is relative: nothing lands in the repo
     path = CONFIGS / f"{name}_chat_0.5b.yaml"

@@ -14,18 +14,18 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.data import load_raw_datasets
-from optimizer_recipes.core.loop import evaluate
-from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
-from optimizer_recipes.core.run_setup import build_dataloaders
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.data.loading import load_raw_datasets
+from optimizer_recipes.core.run.loop import evaluate
+from optimizer_recipes.core.optimizers.protocol import recipe_names, all_recipes
+from optimizer_recipes.core.run.run_setup import build_dataloaders
 from tests.conftest import (REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
                             train_losses)
 
 STEPS = 40
 
 
-@pytest.mark.parametrize("recipe", smoke(RECIPE_NAMES, "adamw", "lomo", "schedule_free_adamw"))  # one per family
+@pytest.mark.parametrize("recipe", smoke(recipe_names(), "adamw", "lomo", "schedule_free_adamw"))  # one per family
 def test_recipe_trains_and_saved_model_reproduces_eval_loss(recipe, tmp_path, fresh_accelerate_state):
     out = tmp_path / recipe
     run_here(recipe, "--max_steps", str(STEPS), "--logging_steps", "1", "--output_dir", str(out))
@@ -75,7 +75,7 @@ def test_default_run_needs_no_flags(tmp_path):
 
 def test_trains_from_local_jsonl_with_text_field(tmp_path):
     data = tmp_path / "train.jsonl"
-    from optimizer_recipes.core.embedded import generate_corpus
+    from optimizer_recipes.core.data.embedded import generate_corpus
 
     with data.open("w") as f:
         for doc in generate_corpus(300, seed=7):
@@ -148,7 +148,7 @@ def test_train_in_process_puts_back_the_signal_handlers_it_replaced(tmp_path, fr
     the run returns or raises."""
     import signal
 
-    from optimizer_recipes.core import loop
+    from optimizer_recipes.core.run import loop
 
     recipe = {r.name: r for r in all_recipes()}["adamw"]
 
@@ -211,7 +211,7 @@ def test_every_offered_schedule_trains_three_steps(tmp_path):
     import torch
     from transformers import get_scheduler
 
-    from optimizer_recipes.core.config import SCHEDULE_NEEDS, offered_schedules
+    from optimizer_recipes.core.run.config import SCHEDULE_NEEDS, offered_schedules
 
     def expected_lrs(schedule: str, warmup: int, kwargs: dict) -> list[float]:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
@@ -245,7 +245,7 @@ def test_trainer_strategies_warmup_ratio_and_no_evaluation_train_as_the_trainer_
     warmup steps), a worker process loading the batches."""
     out = tmp_path / "out"
     data = tmp_path / "train.jsonl"
-    from optimizer_recipes.core.embedded import generate_corpus
+    from optimizer_recipes.core.data.embedded import generate_corpus
 
     data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in generate_corpus(200, seed=3)))
     run_here("adamw", "--dataset_name", str(data), "--eval_strategy", "no", "--validation_split_percentage", "0",

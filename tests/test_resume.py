@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimizer_recipes.core.loop import main
-from optimizer_recipes.core.optimizer_recipe import RECIPE_NAMES, all_recipes
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.protocol import recipe_names, all_recipes
 from tests.conftest import (CONFIGS, REPO, assert_shared_launch_ran, cpu_env, free_port, launch, offline_env,
                             read_metrics, results, run_flags, run_here, shared_output, smoke, two_process_run)
 
@@ -35,7 +35,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
 
 
-@pytest.mark.parametrize("recipe", smoke(RECIPE_NAMES, "adamw"))
+@pytest.mark.parametrize("recipe", smoke(recipe_names(), "adamw"))
 def test_resume_is_bit_exact(recipe, tmp_path, one_process_runs):
     """The shared 1-process run (`run_flags`: 14 steps of 32 sequences, 9 an epoch, a checkpoint at step 7) against
     the same run resumed from its step-7 checkpoint: identical losses and final weights, across the epoch boundary

@@ -1,4 +1,4 @@
-"""bf16 weights that keep every update: stochastic rounding (recipes/core/stochastic_rounding.py), for every recipe.
+"""bf16 weights that keep every update: stochastic rounding (recipes/core/per_tensor/stochastic_rounding.py), for every recipe.
 
 The rounding is unbiased and reproducible; stepping one tensor at a time changes no optimizer's math; with bf16
 weights the updates that rounding to nearest loses are kept; resume stays bit-exact and DDP replicas identical.
@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimizer_recipes.core.config import parse_config
-from optimizer_recipes.core.optimizer_recipe import FusedBackwardRecipe, all_recipes
-from optimizer_recipes.core.sources import load_model, load_model_config
-from optimizer_recipes.core.per_tensor_steps import StepsEachTensor
-from optimizer_recipes.core.stochastic_rounding import RoundingNoise
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.models.sources import load_model, load_model_config
+from optimizer_recipes.core.per_tensor.steps import StepsEachTensor
+from optimizer_recipes.core.per_tensor.stochastic_rounding import RoundingNoise
 from tests.conftest import (assert_shared_launch_ran, read_metrics, results, run_flags, run_here, train_losses,
                             two_process_run)
 
@@ -114,9 +115,10 @@ def test_bf16_weights_keep_the_updates_that_rounding_to_nearest_loses(recipe, tm
     assert kept["stochastic"] == pytest.approx(1.0, abs=0.15), kept
 
 
-@pytest.mark.parametrize("recipe", ["adamw", "adalomo", "schedule_free_adamw", "grokadamw"])
+@pytest.mark.parametrize("recipe", ["adamw", "adalomo", "schedule_free_adamw", "grokadamw", "galore", "apollo_mini"])
 def test_resume_with_stochastic_rounding_is_bit_exact(recipe, tmp_path):
-    """The rounding noise's generator is in the checkpoint, the state in fp32: the resumed run continues exactly."""
+    """The rounding noise's generator is in the checkpoint, the state in fp32 (GaLore's and APOLLO's projectors too,
+    which torch's load would cast to the bf16 weights' dtype): the resumed run continues exactly."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_here(recipe, *run_flags(recipe), *BF16, "--output_dir", str(straight))
     run_here(recipe, *run_flags(recipe), *BF16, "--output_dir", str(resumed), "--resume_from_checkpoint",
@@ -158,7 +160,7 @@ def test_the_estimator_counts_what_stochastic_rounding_holds(recipe, tmp_path):
     and one tensor's fp32 stand-in, gradient and noise join the step; measured with MemTracker, within 10%."""
     import json
 
-    from optimizer_recipes.core.memory_estimate import estimate, meta_model
+    from optimizer_recipes.core.memory.estimate import estimate, meta_model
 
     out = tmp_path / "out"
     run_here(recipe, *BF16, "--max_steps", "3", "--save_steps", "0", "--profile_memory", "true", "--output_dir",

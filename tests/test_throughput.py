@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from optimizer_recipes.core import throughput
+from optimizer_recipes.core.run import throughput
 
 
 def test_flops_per_token_counts_matmuls_without_the_input_embedding_plus_attention():
@@ -85,7 +85,7 @@ def test_matmul_rate_command_prints_its_table(tmp_path):
 def test_the_log_line_carries_mfu_from_the_measured_token_rate(tmp_path, fresh_accelerate_state):
     from accelerate import Accelerator
 
-    from optimizer_recipes.core.metrics import TrainingMetrics
+    from optimizer_recipes.core.run.metrics import TrainingMetrics
 
     metrics = TrainingMetrics(Accelerator(cpu=True), tmp_path, total_steps=4, flops_per_token=1e6, peak_flops=1e9)
     for _ in range(2):

@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from optimizer_recipes.core.token_loss import ChunkedLoss, FullLogitsLoss
+from optimizer_recipes.core.run.token_loss import ChunkedLoss, FullLogitsLoss
 from tests.conftest import (REAL_MODEL_BLOCK, assert_same_weights, assert_shared_launch_ran, read_metrics, results,
                             run_here, train_losses, two_process_run)
 
@@ -88,7 +88,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(model_kind, request, 
         model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue("real_model"))
         assert model.config.tie_word_embeddings  # the output layer's weight is the input embedding
     else:
-        from optimizer_recipes.core.embedded import write_scaled_model
+        from optimizer_recipes.core.data.embedded import write_scaled_model
 
         model = AutoModelForCausalLM.from_pretrained(write_scaled_model(tmp_path / "embedded"))
     model.train()
@@ -134,7 +134,7 @@ def test_the_runs_peak_is_reported_with_the_phase_that_set_it(real_model_runs):
 
 def test_chunked_loss_under_bf16_mixed_precision_matches_the_whole_logits(tmp_path):
     """Under autocast (--bf16 true) the chunks' backward recomputes the logits in bf16, as the forward made them."""
-    from optimizer_recipes.core.embedded import write_scaled_model
+    from optimizer_recipes.core.data.embedded import write_scaled_model
 
     model = AutoModelForCausalLM.from_pretrained(write_scaled_model(tmp_path / "embedded")).train()
     batch = uneven_batch(model.config.vocab_size)
@@ -153,7 +153,7 @@ def test_chunked_loss_with_16_bit_weights_is_as_close_to_fp32_as_the_whole_logit
     """bf16 weights (--dtype bfloat16, no autocast): the chunks' output-layer gradients are summed in fp32 and
     rounded once, so they are as close to the fp32 gradient as autograd's single product (summed in bf16, 63 chunks
     were twice as far)."""
-    from optimizer_recipes.core.embedded import write_scaled_model
+    from optimizer_recipes.core.data.embedded import write_scaled_model
 
     folder = write_scaled_model(tmp_path / "embedded")
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()

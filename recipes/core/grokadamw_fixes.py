@@ -33,7 +33,7 @@ class GrokAdamWWithCheckpointableState(GrokAdamW):
 
         GrokAdamW decays momentum by a parameter's position among its group's (beta1 x (1 - gamma)^i, i counted by
         upstream over the tensors it is given). Stepped one tensor at a time (bf16 weights with stochastic rounding,
-        recipes/core/per_tensor_steps.py: `group["tensor_position"]`), the tensor comes after as many empty
+        recipes/core/per_tensor/steps.py: `group["tensor_position"]`), the tensor comes after as many empty
         stand-ins, so that it gets its own i; their throwaway state is dropped."""
         position = group.get("tensor_position", 0)
         stand_ins = [torch.zeros(0, device=params[0].device) for _ in range(position)] if params else []

@@ -99,10 +99,10 @@ def seven_b_estimates(in_backward: bool) -> dict[str, float]:
     runs' setting: bf16 weights, 1 x 256 tokens, gradient checkpointing, evaluation batch 1."""
     from transformers import AutoConfig
 
-    from optimizer_recipes.core.in_backward import UpdatesInBackward
-    from optimizer_recipes.core.memory_check import PROCESS_BASELINE
-    from optimizer_recipes.core.memory_estimate import estimate_each, meta_model
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
+    from optimizer_recipes.core.memory.check import PROCESS_BASELINE
+    from optimizer_recipes.core.memory.estimate import estimate_each, meta_model
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     recipes = [UpdatesInBackward(r) if in_backward and not r.updates_in_backward else r for r in all_recipes()]
     model = meta_model(None, config=AutoConfig.from_pretrained(REPO / SEVEN_B_SHAPE))
@@ -125,7 +125,7 @@ def accuracy_cell(record: dict, name: str) -> str:
 
 def which_optimizer() -> str:
     """README, "Which optimizer?": the recipes measured beside AdamW, by run peak."""
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     record = results.read_comparison(REPO / COMPARISON)
     peaks, measured = run_peaks(), seven_b_measured()
@@ -158,7 +158,7 @@ def which_optimizer() -> str:
 def comparison() -> str:
     """README: every recipe's best learning rate in the comparison, its accuracy and eval loss on each seed, and
     its step time against AdamW's."""
-    from optimizer_recipes.core.optimizer_recipe import all_recipes
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     record = results.read_comparison(REPO / COMPARISON)
     runs, seed = record["runs"], record["arguments"]["seed"]
@@ -201,7 +201,7 @@ def seven_b_table(folder: str) -> Callable[[], str]:
 
 def compatibility(in_backward: bool) -> Callable[[], str]:
     def table() -> str:
-        from optimizer_recipes.core.compatibility import markdown_table
+        from optimizer_recipes.core.optimizers.compatibility import markdown_table
 
         return markdown_table(in_backward=in_backward)
 

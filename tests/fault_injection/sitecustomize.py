@@ -47,7 +47,7 @@ if os.environ.get("INJECT_NAN_AT_STEP"):
     modeling_llama.LlamaForCausalLM.forward = forward
 
 if os.environ.get("INJECT_SLOW_MODEL_LOAD"):
-    from optimizer_recipes.core import sources
+    from optimizer_recipes.core.models import sources
 
     _load_model = sources.load_model
 
