@@ -24,7 +24,6 @@ recipe its final evaluation and save). Ratios are medians over rounds of each ro
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -37,7 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
 
+from optimizer_recipes.core.optimizers.protocol import all_recipes, reference_recipe  # noqa: E402
 from optimizer_recipes.measure.results import median_step, round_ratios  # noqa: E402
+
+RECIPES = {r.name: r for r in all_recipes()}
 
 HARNESSES = ("bare", "recipe", "trainer")
 COMPILED = "+compile"  # a harness name with this suffix compiles: the recipe's --torch_compile true, the Trainer's
@@ -48,15 +50,8 @@ IN_BACKWARD = "+in_backward"  # recipe+in_backward: the recipe with --optimizer_
 def harness_kind(harness: str) -> str:
     """bare, recipe or trainer, whatever the suffixes."""
     return harness.removesuffix(IN_BACKWARD).removesuffix(COMPILED)
-TRAINER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "grokadamw": "grokadamw", "lomo": "lomo",
-                 "adalomo": "adalomo", "schedule_free_adamw": "schedule_free_adamw",
-                 "schedule_free_sgd": "schedule_free_sgd", "galore": "galore_adamw", "apollo": "apollo_adamw",
-                 "apollo_mini": "apollo_adamw", "adamw_8bit": "adamw_bnb_8bit", "stable_adamw": "stable_adamw"}
-FIRST_SEVEN = tuple(TRAINER_OPTIM)[:7]  # the default set; the memory savers by name (--optimizers)
 PROFILED_STEP = 2  # the step the recipe's --profile_memory measures; the other harnesses measure the same one
 TARGETS = {"recipe/bare time": 1.03, "recipe/bare peak": 1.05, "recipe/trainer time": 1.00}
-# compared step times: the LOMO-family recipe against the optimizer with the same state it stands in for
-PAIRS = (("lomo", "schedule_free_sgd"), ("adalomo", "adafactor"))
 
 
 # --- one run, in its own process -------------------------------------------------------------------------------
@@ -87,7 +82,7 @@ class StepClock:
 def recipe_and_config(name: str, args, output_dir: str):
     from optimizer_recipes.core.run.config import parse_config
 
-    recipe = importlib.import_module(f"optimizer_recipes.{name}").RECIPE
+    recipe = RECIPES[name]
     return recipe, recipe_argv(args, output_dir), parse_config(recipe, recipe_argv(args, output_dir))
 
 
@@ -102,9 +97,8 @@ def recipe_argv(args, output_dir: str) -> list[str]:
 def token_blocks(model_dir: str, block_size: int):
     """The embedded training corpus, tokenized and cut into blocks (as the recipes pack plain text)."""
     import torch
-    from transformers import AutoTokenizer
-
     from optimizer_recipes.core.data.embedded import train_documents
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = [i for doc in train_documents() for i in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
@@ -130,9 +124,8 @@ def tensor_peak(tracker) -> dict:
 
 def run_bare(name: str, args, clock: StepClock, output_dir: str) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, get_scheduler
-
     from optimizer_recipes.core.run.token_loss import build_token_loss
+    from transformers import AutoModelForCausalLM, get_scheduler
 
     recipe, _, config = recipe_and_config(name, args, output_dir)
     t = config.train
@@ -211,18 +204,6 @@ def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
     return {"total": measured["peak_bytes"], **measured["at_peak"]}
 
 
-def trainer_extra(recipe) -> dict:
-    """What else the Trainer needs to build the recipe's optimizer, read from the recipe: a low-rank recipe's default
-    targets (every linear layer of the decoder blocks), its rank and scale, and APOLLO's scale type (the recipes'
-    fine-tuning defaults and APOLLO-Mini's preset differ from the Trainer's defaults)."""
-    if not hasattr(recipe, "default_rank"):
-        return {}
-    optim_args = f"rank={recipe.default_rank},scale={recipe.default_scale:g}"
-    if hasattr(recipe, "default_scale_type"):
-        optim_args += f",scale_type={recipe.default_scale_type}"
-    return {"optim_target_modules": ["self_attn", "mlp"], "optim_args": optim_args}
-
-
 def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -247,12 +228,12 @@ def run_trainer(name: str, args, clock: StepClock, output_dir: str) -> dict:
     model.config.use_cache = False
     blocks = token_blocks(args.model, args.block_size)
     training_args = TrainingArguments(
-        output_dir=output_dir, optim=TRAINER_OPTIM[name], learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        output_dir=output_dir, optim=recipe.trainer_optim, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
         per_device_train_batch_size=args.per_device_train_batch_size, max_steps=args.total_steps, logging_steps=10,
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
         seed=t.seed, use_cpu=not torch.cuda.is_available(), torch_compile=args.compile,
-        **trainer_extra(recipe))
+        **recipe.trainer_arguments())
     Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b, "labels": b} for b in blocks],
             callbacks=[Clock()]).train()
     return profile
@@ -306,17 +287,19 @@ def ratio(rounds: list[dict], a: tuple[str, str], b: tuple[str, str], key=median
     return statistics.median(values) if values else None
 
 
-def against_adamw(rounds: list[dict], optimizers: list[str], harnesses: list[str]) -> list[str]:
-    """Per harness, each optimizer's step time over AdamW's in the same round: the median, and each round's."""
+def against_reference(rounds: list[dict], optimizers: list[str], harnesses: list[str], reference: str) -> list[str]:
+    """Per harness, each optimizer's step time over the reference recipe's (AdamW's) in the same round: the median,
+    and each round's."""
     notes = []
-    for h in harnesses if "adamw" in optimizers and len(optimizers) > 1 else ():
+    for h in harnesses if reference in optimizers and len(optimizers) > 1 else ():
         cells = []
-        for n in (n for n in optimizers if n != "adamw"):
-            values = round_ratios(rounds, (h, n), (h, "adamw"))
+        for n in (n for n in optimizers if n != reference):
+            values = round_ratios(rounds, (h, n), (h, reference))
             if values:
                 cells.append(f"`{n}` {statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})")
         if cells:
-            notes.append(f"- {h} step time vs `adamw` (median of the rounds' ratios; each round's): " + ", ".join(cells))
+            notes.append(f"- {h} step time vs `{reference}` (median of the rounds' ratios; each round's): "
+                         + ", ".join(cells))
     return notes
 
 
@@ -404,7 +387,7 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
         row["recipe_tokens_per_s"] = tokens / (row["recipe_ms"] / 1e3) if tokens and row.get("recipe_ms") else None
         errors = {run["error"] for run in runs("trainer", n) if run["error"]}
         if errors:
-            notes.append(f"- `{n}`: the Trainer (optim=\"{TRAINER_OPTIM[n]}\") cannot run it here: {errors.pop()}")
+            notes.append(f"- `{n}`: the Trainer (optim=\"{RECIPES[n].trainer_optim}\") cannot run it here: {errors.pop()}")
         summary[n] = row
         cells = [f"`{n}`"] + [cell(row[f"{h}_ms"], ".1f") for h in harnesses]
         cells += [cell(row["recipe/bare time"], ".2f"), cell(row["recipe/trainer time"], ".2f"),
@@ -414,14 +397,14 @@ def summarize(rounds: list[dict], optimizers: list[str], harnesses: list[str], s
         cells += [cell(row[f"{h}_run_peak_mib"], ".0f") for h in harnesses]
         lines.append("| " + " | ".join(cells) + " |")
     pairs = {}
-    for a, b in PAIRS:
+    for a, b in ((r.name, r.compared_with) for r in all_recipes() if r.compared_with):
         for h in harnesses:
             value = ratio(rounds, (h, a), (h, b))
             if value is not None:
                 pairs[f"{h}: {a}/{b}"] = value
     if pairs:
         notes.append("- step time ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items()))
-    notes += against_adamw(rounds, optimizers, harnesses)
+    notes += against_reference(rounds, optimizers, harnesses, reference_recipe())
     compiled = compile_notes(rounds, optimizers, harnesses)
     notes += compiled
     in_backward = in_backward_notes(rounds, optimizers, harnesses)
@@ -447,8 +430,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--model_name_or_path", default=None, help="a local model folder; default the embedded model")
     parser.add_argument("--sizes", default="", help="the embedded model at other sizes, e.g. num_hidden_layers=32")
-    parser.add_argument("--optimizers", default=",".join(FIRST_SEVEN),
-                        help=f"of {', '.join(TRAINER_OPTIM)}; default the first seven")
+    parser.add_argument("--optimizers", default=",".join(RECIPES),
+                        help=f"of {', '.join(RECIPES)}; default all")
     parser.add_argument("--harnesses", default=",".join(HARNESSES),
                         help=f"of {', '.join(HARNESSES)}, each also as <harness>{COMPILED}: compiled, and "
                              f"recipe{IN_BACKWARD}: the recipe updating in backward")
@@ -464,11 +447,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     optimizers, harnesses = args.optimizers.split(","), args.harnesses.split(",")
-    unknown = [n for n in optimizers if n not in TRAINER_OPTIM]
+    unknown = [n for n in optimizers if n not in RECIPES]
     unknown += [h for h in harnesses if harness_kind(h) not in HARNESSES
                 or (h.endswith(IN_BACKWARD) and harness_kind(h) != "recipe")]
     if unknown:
-        parser.error(f"unknown optimizer or harness: {', '.join(unknown)}; optimizers: {', '.join(TRAINER_OPTIM)}; "
+        parser.error(f"unknown optimizer or harness: {', '.join(unknown)}; optimizers: {', '.join(RECIPES)}; "
                      f"harnesses: {', '.join(HARNESSES)}, each also with {COMPILED} (compiled), and "
                      f"recipe{IN_BACKWARD} (--optimizer_in_backward true)")
     if args.warmup < PROFILED_STEP - 1:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers.hf_argparser import string_to_bool
-
-from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
 from optimizer_recipes.core.memory.check import PROCESS_BASELINE
 from optimizer_recipes.core.memory.estimate import PRECISIONS, estimate_each, meta_model
-from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.optimizers.protocol import all_recipes, reference_recipe
+from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
+from transformers.hf_argparser import string_to_bool
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "update_temporaries", "loss_temporaries",
               "training", "evaluation", "total")
@@ -53,8 +52,9 @@ def estimate_table(args) -> str:
     baseline = PROCESS_BASELINE[args.device]
     lines.append(f"| with baseline ({args.device}) | " + " | ".join(human(rows[n]["total"] + baseline) for n in names)
                  + " |")
-    adamw = rows["adamw"]["total"]
-    lines.append("| total vs adamw | " + " | ".join(f"{rows[n]['total'] / adamw:.2f}x" for n in names) + " |")
+    reference = reference_recipe()
+    lines.append(f"| total vs {reference} | " + " | ".join(f"{rows[n]['total'] / rows[reference]['total']:.2f}x"
+                                                         for n in names) + " |")
     params = sum(p.numel() for p in model.parameters())
     setup = (f"{args.model_name_or_path or 'embedded tiny Llama'} ({params / 1e6:.1f}M parameters), {args.precision}, "
              f"micro-batch {args.per_device_train_batch_size} x {args.block_size} tokens, evaluation batch "

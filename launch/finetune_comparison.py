@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 REPO = Path(__file__).resolve().parent.parent
 
 from optimizer_recipes.measure.results import best_runs, bracketed, rank_key, sweep_runs  # noqa: E402
+
 TRAIN_PHRASINGS = ("What is the capital of {country}?", "Which city is the capital of {country}?",
                    "Tell me the capital of {country}.")
 TEST_PHRASINGS = ("Name the capital city of {country}.", "{country} has its government in which city?")
@@ -113,16 +114,15 @@ def held_out_accuracy(model_path: str, test: list[dict], max_new_tokens: int, ba
 def base_eval_loss(model_path: str, task_dir: Path, block_size: int, batch_size: int) -> float:
     """The answer-token loss of the model before fine-tuning, on the same validation rows the runs evaluate."""
     from accelerate import Accelerator
-
-    from optimizer_recipes.adamw import RECIPE
-    from optimizer_recipes.core.run.config import parse_config
     from optimizer_recipes.core.data.loading import load_raw_datasets
+    from optimizer_recipes.core.models.sources import load_model, load_model_config, load_tokenizer
+    from optimizer_recipes.core.optimizers.protocol import recipe_named, reference_recipe
+    from optimizer_recipes.core.run.config import parse_config
     from optimizer_recipes.core.run.loop import evaluate
     from optimizer_recipes.core.run.run_setup import build_dataloaders
-    from optimizer_recipes.core.models.sources import load_model, load_model_config, load_tokenizer
     from optimizer_recipes.core.run.token_loss import build_token_loss
 
-    config = parse_config(RECIPE, ["--model_name_or_path", model_path, "--dataset_name", str(task_dir),
+    config = parse_config(recipe_named(reference_recipe()), ["--model_name_or_path", model_path, "--dataset_name", str(task_dir),
                                    "--block_size", str(block_size), "--per_device_train_batch_size", str(batch_size),
                                    "--output_dir", str(task_dir / "unused")])
     accelerator = Accelerator(cpu=True)
@@ -167,10 +167,10 @@ def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_di
 def recipe_settings(recipe, flags, model: str) -> dict:
     """The optimizer's own knobs (rank, scale, betas, ...) as a run with these flags gets them: part of a run's identity,
     so that a recipe whose defaults changed is trained again, not read from an earlier comparison."""
-    from optimizer_recipes.core.run.config import OPTIMIZER_FLAGS, parse_config
+    from optimizer_recipes.core.run.config import parse_config
 
     config = parse_config(recipe, ["--model_name_or_path", model, *flags])
-    return {flag: getattr(config.optim, flag) for flag in recipe.reads_flags if flag in OPTIMIZER_FLAGS}
+    return {flag: getattr(config.optim, flag) for flag in recipe.reads_flags}
 
 
 def _spread(values: list[float], spec: str) -> str:

@@ -71,10 +71,9 @@ def precision_of(flags: list[str]) -> str:
 
 
 def estimated_gib(recipe_name: str, model: Path, flags: list[str], batch: int, block: int) -> float:
-    from transformers import AutoConfig
-
     from optimizer_recipes.core.memory.estimate import estimate, meta_model
     from optimizer_recipes.core.optimizers.protocol import all_recipes
+    from transformers import AutoConfig
 
     recipe = next(r for r in all_recipes() if r.name == recipe_name)
     e = estimate(recipe, meta_model(None, config=AutoConfig.from_pretrained(model)), precision_of(flags), batch,
@@ -135,12 +134,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     started = time.monotonic()
 
-    import torch
     import accelerate
+    import torch
     import transformers
+    from optimizer_recipes.core.run.throughput import hardware
 
     from launch.make_model import write_model
-    from optimizer_recipes.core.run.throughput import hardware
 
     work, report_dir = Path(args.work_dir), Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
-from optimizer_recipes.core.run.config import ConfigError  # noqa: E402
-from optimizer_recipes.core.models.gguf_source import INSTALL_PACKAGED_MODEL, check_file, import_folder, packaged_model_file  # noqa: E402
+from optimizer_recipes.core.models.gguf_source import (  # noqa: E402
+    INSTALL_PACKAGED_MODEL,
+    check_file,
+    import_folder,
+    packaged_model_file,
+)
 from optimizer_recipes.core.models.sources import DTYPES  # noqa: E402
+from optimizer_recipes.core.run.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -46,10 +46,9 @@ def parse_args(argv=None):
 
 def load(args):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from optimizer_recipes.core.data.embedded import write_scaled_model
     from optimizer_recipes.core.run.run_setup import enable_gradient_checkpointing
+    from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as folder:  # the embedded model: a seeded copy, as the benchmark makes
         path = args.model_name_or_path or write_scaled_model(Path(folder) / "model")
@@ -61,7 +60,6 @@ def load(args):
 
 def batches(model, args) -> dict[str, dict]:
     import torch
-
     from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +91,6 @@ def interleaved(works: dict, rounds: int, warmup: int) -> dict[str, list[float]]
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
-
     from optimizer_recipes.core.run.throughput import hardware
     from optimizer_recipes.core.run.token_loss import ChunkedLoss, FullLogitsLoss, row_losses_from_logits
 

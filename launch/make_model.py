@@ -43,10 +43,9 @@ def known_shapes() -> list[str]:
 def write_model(shape: str, out: Path, dtype: str = "bfloat16", seed: int = 0, max_shard_size: str = "2GB") -> dict:
     """Build the shape's model in `dtype` and save it with the embedded tokenizer; returns what was written."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from optimizer_recipes.core.data import embedded
     from optimizer_recipes.core.memory.profile import GIB, peak_rss_bytes
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     fields = json.loads(shape_file(shape).read_text())
     fields.pop("_comment", None)

@@ -45,7 +45,6 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
-
     from optimizer_recipes.core.run.throughput import CpuMatmul, hardware
 
     torch.set_num_threads(args.threads)

@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
 from optimizer_recipes.core.data.embedded import generate_corpus, write_scaled_model  # noqa: E402
-from optimizer_recipes.core.memory.profile import CATEGORIES  # noqa: E402
 from optimizer_recipes.core.memory.estimate import estimate, meta_model  # noqa: E402
-from optimizer_recipes.core.optimizers.protocol import all_recipes  # noqa: E402
+from optimizer_recipes.core.memory.profile import CATEGORIES  # noqa: E402
+from optimizer_recipes.core.optimizers.protocol import all_recipes, reference_recipe  # noqa: E402
 from optimizer_recipes.core.run.throughput import hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,11 +47,11 @@ LOSSES = {"true": ("chunked",), "false": ("whole",), "both": ("chunked", "whole"
 def write_corpus(path: Path, args) -> int:
     """Generated documents with enough tokens for every training step and one evaluation batch of full rows;
     returns the share of them (%) to hold out for validation."""
-    from optimizer_recipes.adamw import RECIPE
-    from optimizer_recipes.core.run.config import parse_config
     from optimizer_recipes.core.models.sources import load_tokenizer
+    from optimizer_recipes.core.optimizers.protocol import recipe_named
+    from optimizer_recipes.core.run.config import parse_config
 
-    tokenizer = load_tokenizer(parse_config(RECIPE, ["--output_dir", str(path.parent / "unused")] + (
+    tokenizer = load_tokenizer(parse_config(recipe_named(reference_recipe()), ["--output_dir", str(path.parent / "unused")] + (
         ["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else [])))
     sample = generate_corpus(200, seed=11)
     per_document = sum(len(tokenizer(d)["input_ids"]) + 1 for d in sample) / len(sample)
@@ -92,7 +92,7 @@ def mib(n: float) -> str:
 
 
 def write_report(folder: Path, rows: dict, setup: str) -> None:
-    baseline = next((row for key, row in rows.items() if key.startswith("adamw")), next(iter(rows.values())))
+    baseline = next((row for row in rows.values() if row["recipe"] == reference_recipe()), next(iter(rows.values())))
     baseline_peak = baseline["measured"]["run_peak_bytes"]
     peak_key = next(k for k in next(iter(rows.values()))["run"] if k != "run_peak_phase")
     lines = ["# Training memory by optimizer", "", setup, "",

@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repository's recipes package
 
+from optimizer_recipes.core.optimizers.protocol import reference_recipe  # noqa: E402
+
 PRECISIONS = {"fp32": [], "bf16 autocast": ["--bf16", "true"],
               "bf16 weights rounded stochastically": ["--dtype", "bfloat16"],
               "bf16 weights rounded to nearest": ["--dtype", "bfloat16", "--stochastic_rounding", "false"]}
@@ -49,7 +51,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None)
-    parser.add_argument("--recipe", default="adamw")
+    parser.add_argument("--recipe", default=reference_recipe())
     parser.add_argument("--per_device_train_batch_size", type=int, default=4)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--max_steps", type=int, default=6)

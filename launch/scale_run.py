@@ -105,10 +105,9 @@ def measured(out: Path, wall_s: float, after_step: int) -> dict:
 
 def estimated(recipe_name: str, model: Path, args) -> dict:
     import torch
-    from transformers import AutoConfig
-
     from optimizer_recipes.core.memory.check import PROCESS_BASELINE
     from optimizer_recipes.core.memory.estimate import estimate, meta_model
+    from transformers import AutoConfig
     recipe = recipe_named(recipe_name)
     if args.optimizer_in_backward and not recipe.updates_in_backward:
         from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward

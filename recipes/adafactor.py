@@ -13,16 +13,20 @@ Built with relative_step=False, scale_parameter=False, warmup_init=False, so --l
 --lr_scheduler_type drive it (Adafactor's own relative-step schedule is off).
 """
 
-from transformers.optimization import Adafactor
-
+from optimizer_recipes.core.optimizers.protocol import (
+    OptimizerRecipe,
+    decay_parameter_groups,
+    factored_numel,
+    refuse_flattened_partitions,
+)
 from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.optimizers.protocol import (OptimizerRecipe, decay_parameter_groups, factored_numel,
-                                           refuse_flattened_partitions)
+from transformers.optimization import Adafactor
 
 
 class AdafactorRecipe(OptimizerRecipe):
     name = "adafactor"
     order = 2
+    trainer_optim = "adafactor"  # the Transformers Trainer's optim= name
     default_learning_rate = 3e-3
     fine_tuning_learning_rate = 6e-5  # with --model_name_or_path: see the docstring
 

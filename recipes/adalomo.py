@@ -19,18 +19,28 @@ ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters 
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
+from dataclasses import dataclass, field
+
 from optimizer_recipes.core.fused_backward.lomo_updates import LinearTimeAdaLomo
-from optimizer_recipes.core.run.loop import main
 from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
 from optimizer_recipes.core.optimizers.protocol import factored_numel, largest_numel
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.lomo import LomoKnobs
+
+
+@dataclass
+class AdaLomoKnobs(LomoKnobs):
+    loss_scale: float = field(default=2.0**10, metadata={"help": "AdaLomo's static loss scale."})
 
 
 class AdaLomoRecipe(FusedBackwardRecipe):
     name = "adalomo"
     order = 5
+    trainer_optim = "adalomo"  # the Transformers Trainer's optim= name
+    compared_with = "adafactor"  # the optimizer with the same state: factored second moments
     default_learning_rate = 1e-1  # a from-scratch tiny model has small weights; use 1e-3..5e-4 for fine-tuning
     fine_tuning_learning_rate = 5e-4  # with --model_name_or_path: see the docstring
-    reads_flags = ("clip_grad_value", "loss_scale")
+    knobs = AdaLomoKnobs
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(factored_numel(s) for s in shapes) * 4  # fp32 row/column second moments

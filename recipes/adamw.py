@@ -12,17 +12,19 @@ checkpoints do not resume exactly (docs/distributed.md).
 """
 
 import torch
-
-from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.knobs import AdamKnobs
 from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, decay_parameter_groups, numel
+from optimizer_recipes.core.run.loop import main
 
 
 class AdamWRecipe(OptimizerRecipe):
     name = "adamw"
     order = 1
+    trainer_optim = "adamw_torch"  # the Transformers Trainer's optim= name
+    is_reference = True  # what the other recipes' memory and step time are compared with
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
-    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    knobs = AdamKnobs
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(2 * numel(s) * element_bytes + 4 for s in shapes)  # exp_avg, exp_avg_sq, fp32 step

@@ -19,9 +19,15 @@ process-wide GlobalOptimManager, which keys parameters by id() (reused by a late
 Install: pip install -e ".[bnb]".
 """
 
+from optimizer_recipes.core.optimizers.knobs import AdamKnobs
+from optimizer_recipes.core.optimizers.protocol import (
+    OptimizerRecipe,
+    decay_parameter_groups,
+    numel,
+    parameter_roles,
+    refuse_flattened_partitions,
+)
 from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.optimizers.protocol import (OptimizerRecipe, decay_parameter_groups, numel, parameter_roles,
-                                           refuse_flattened_partitions)
 
 BLOCK = 256  # elements per quantization block (bitsandbytes' blockwise 8-bit optimizers)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit moments (bitsandbytes' default)
@@ -31,9 +37,10 @@ QUANTILES = 256  # entries of each moment's quantization map (fp32)
 class AdamW8bitRecipe(OptimizerRecipe):
     name = "adamw_8bit"
     order = 11
+    trainer_optim = "adamw_bnb_8bit"  # the Transformers Trainer's optim= name
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5
-    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    knobs = AdamKnobs
     requires = ("bitsandbytes", '-e ".[bnb]" (or: pip install bitsandbytes)')
 
     def refuse(self, config):

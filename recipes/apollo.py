@@ -27,36 +27,45 @@ Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only); it is an option
 project: pip install -e ".[apollo]".
 """
 
+from dataclasses import dataclass, field
+
+from optimizer_recipes.core.low_rank.recipe import LowRankKnobs, LowRankRecipe
 from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.low_rank.recipe import LowRankRecipe
+
+
+@dataclass
+class ApolloKnobs(LowRankKnobs):
+    apollo_rank: int = field(default=16, metadata={"help": "APOLLO: rank of the random projection."})
+    apollo_update_interval: int = field(
+        default=200, metadata={"help": "APOLLO: steps between refreshes of the projection."})
+    apollo_scale: float = field(default=32.0, metadata={"help": "APOLLO: scale of the update."})
+    apollo_scale_type: str = field(
+        default="channel", metadata={"help": "APOLLO: channel (one scaling factor per row or column) or tensor."})
+    apollo_proj: str = field(default="random", metadata={"help": "APOLLO: random (seeded) or svd projection."})
+    apollo_proj_type: str = field(
+        default="std", metadata={"help": "APOLLO: std (project the shorter side), reverse_std, left or right."})
+
 
 
 class ApolloRecipe(LowRankRecipe):
     name = "apollo"
     order = 9
+    trainer_optim = "apollo_adamw"  # the Transformers Trainer's optim= name
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
-    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "apollo_rank",
-                   "apollo_update_interval", "apollo_scale", "apollo_scale_type", "apollo_proj", "apollo_proj_type")
+    knobs = ApolloKnobs
     requires = ("apollo_torch", '-e ".[apollo]" (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')
     projection_words = "the rows and columns"
-    default_rank = 16
-    default_scale = 32.0
+    default_rank = ApolloKnobs.apollo_rank
+    default_scale = ApolloKnobs.apollo_scale
     source_settings = (("the Transformers Trainer's defaults for apollo_adamw (rank 128, scale 1: APOLLO's "
                         "pre-training setting), at the best lr of their sweep (its cap)", 5.4e-4,
                         ("--apollo_rank", "128", "--apollo_scale", "1")),)
-    default_scale_type = "channel"
+    default_scale_type = ApolloKnobs.apollo_scale_type
     proj_types = ("std", "reverse_std", "right", "left")
 
     def rank_is_capped(self):
         return False  # a random projection has `rank` rows or columns whatever the matrix
-
-    def fill_defaults(self, config):
-        super().fill_defaults(config)
-        o = config.optim
-        o.apollo_rank = self.default_rank if o.apollo_rank is None else o.apollo_rank
-        o.apollo_scale = self.default_scale if o.apollo_scale is None else o.apollo_scale
-        o.apollo_scale_type = o.apollo_scale_type or self.default_scale_type
 
     def refuse(self, config):
         o = config.optim

@@ -11,16 +11,29 @@ only, DDP). Refuses: DeepSpeed ZeRO and FSDP (see recipes/apollo.py).
 Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only): pip install -e ".[apollo]".
 """
 
-from optimizer_recipes.apollo import ApolloRecipe
+from dataclasses import dataclass, field
+
+from optimizer_recipes.apollo import ApolloKnobs, ApolloRecipe
 from optimizer_recipes.core.run.loop import main
+
+
+@dataclass
+class ApolloMiniKnobs(ApolloKnobs):
+    apollo_rank: int = field(default=1, metadata={"help": "APOLLO: rank of the random projection."})
+    apollo_scale: float = field(default=128.0, metadata={"help": "APOLLO: scale of the update."})
+    apollo_scale_type: str = field(
+        default="tensor", metadata={"help": "APOLLO: channel (one scaling factor per row or column) or tensor."})
 
 
 class ApolloMiniRecipe(ApolloRecipe):
     name = "apollo_mini"
     order = 10
-    default_rank = 1
-    default_scale = 128.0
-    default_scale_type = "tensor"
+    trainer_optim = "apollo_adamw"  # the Transformers Trainer's optim= name
+    knobs = ApolloMiniKnobs
+    default_rank = ApolloMiniKnobs.apollo_rank
+    default_scale = ApolloMiniKnobs.apollo_scale
+    default_scale_type = ApolloMiniKnobs.apollo_scale_type
+    source_settings = ()
 
 
 RECIPE = ApolloMiniRecipe()

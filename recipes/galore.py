@@ -24,31 +24,38 @@ projector as an object that a resume (torch.load with weights_only=True) refuses
 --optimizer_in_backward true here, on one process or DDP, resuming exactly. Install: pip install -e ".[galore]".
 """
 
+from dataclasses import dataclass, field
+
+from optimizer_recipes.core.low_rank.recipe import LowRankKnobs, LowRankRecipe
 from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.low_rank.recipe import LowRankRecipe
+
+
+@dataclass
+class GaLoreKnobs(LowRankKnobs):
+    galore_rank: int = field(default=16, metadata={"help": "GaLore: rank of the projection."})
+    galore_update_interval: int = field(
+        default=200, metadata={"help": "GaLore: steps between refreshes of the projection (an SVD of the gradient)."})
+    galore_scale: float = field(default=2.0, metadata={"help": "GaLore: scale of the projected-back update."})
+    galore_proj_type: str = field(
+        default="std", metadata={"help": "GaLore: std (project the shorter side), reverse_std, left, right or full."})
+
 
 
 class GaLoreRecipe(LowRankRecipe):
     name = "galore"
     order = 8
+    trainer_optim = "galore_adamw"  # the Transformers Trainer's optim= name
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 1e-4  # with --model_name_or_path: see the docstring
-    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "galore_rank",
-                   "galore_update_interval", "galore_scale", "galore_proj_type")
+    knobs = GaLoreKnobs
     requires = ("galore_torch", '-e ".[galore]" (or: pip install galore-torch==1.0)')
     projection_words = "the singular vectors"
-    default_rank = 16
-    default_scale = 2.0
+    default_rank = GaLoreKnobs.galore_rank
+    default_scale = GaLoreKnobs.galore_scale
     source_settings = (("the Transformers Trainer's defaults for galore_adamw (rank 128, scale 0.25: GaLore's "
                         "pre-training setting), at the best lr of their sweep (its cap)", 5.4e-4,
                         ("--galore_rank", "128", "--galore_scale", "0.25")),)
     proj_types = ("std", "reverse_std", "right", "left", "full")
-
-    def fill_defaults(self, config):
-        super().fill_defaults(config)
-        o = config.optim
-        o.galore_rank = self.default_rank if o.galore_rank is None else o.galore_rank
-        o.galore_scale = self.default_scale if o.galore_scale is None else o.galore_scale
 
     def rank_is_capped(self):
         return True  # the projector is cut from an SVD: at most min(m, n) vectors

@@ -19,18 +19,28 @@ ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters 
 sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
 """
 
+from dataclasses import dataclass, field
+from typing import Optional
+
 from optimizer_recipes.core.fused_backward import lomo_updates
-from optimizer_recipes.core.run.loop import main
 from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
 from optimizer_recipes.core.optimizers.protocol import largest_numel
+from optimizer_recipes.core.run.loop import main
+
+
+@dataclass
+class LomoKnobs:
+    clip_grad_value: Optional[float] = field(default=None, metadata={"help": "LOMO/AdaLomo: clamp each gradient."})
 
 
 class LomoRecipe(FusedBackwardRecipe):
     name = "lomo"
     order = 4
+    trainer_optim = "lomo"  # the Transformers Trainer's optim= name
+    compared_with = "schedule_free_sgd"  # the optimizer with the same state: plain SGD's step
     default_learning_rate = 0.5  # plain SGD on the from-scratch tiny model; tune it for a pretrained LLM
     fine_tuning_learning_rate = 1e-2  # with --model_name_or_path: see the docstring
-    reads_flags = ("clip_grad_value",)
+    knobs = LomoKnobs
     source_settings = (("the LOMO authors' lr 3e-2 with clip_grad_norm 1.0 (config/args_lomo.yaml)", 3e-2,
                         ("--max_grad_norm", "1.0")),)
 

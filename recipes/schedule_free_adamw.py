@@ -15,12 +15,12 @@ Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own
 """
 
 import schedulefree
-
-from optimizer_recipes.core.schedule_free.deepspeed_fixes import CountersAdvanceOncePerStep
-from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.optimizers.knobs import AdamKnobs
 from optimizer_recipes.core.optimizers.protocol import decay_parameter_groups, numel
-from optimizer_recipes.core.schedule_free.recipe import ScheduleFreeRecipe
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.schedule_free.deepspeed_fixes import CountersAdvanceOncePerStep
 from optimizer_recipes.core.schedule_free.fixes import FirstStepInAnyMode
+from optimizer_recipes.core.schedule_free.recipe import ScheduleFreeRecipe
 
 
 class AdamWScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefree.AdamWScheduleFree):
@@ -31,9 +31,10 @@ class AdamWScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedule
 class ScheduleFreeAdamWRecipe(ScheduleFreeRecipe):
     name = "schedule_free_adamw"
     order = 6
+    trainer_optim = "schedule_free_adamw"  # the Transformers Trainer's optim= name
     default_learning_rate = 2.5e-3
     fine_tuning_learning_rate = 1.5e-4  # with --model_name_or_path: see the docstring
-    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    knobs = AdamKnobs
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(2 * numel(s) * element_bytes for s in shapes)  # z, exp_avg_sq

@@ -14,13 +14,14 @@ counters advance once per step (recipes/core/schedule_free/deepspeed_fixes.py).
 Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
 """
 
-import schedulefree
+from dataclasses import dataclass, field
 
-from optimizer_recipes.core.schedule_free.deepspeed_fixes import CountersAdvanceOncePerStep
-from optimizer_recipes.core.run.loop import main
+import schedulefree
 from optimizer_recipes.core.optimizers.protocol import decay_parameter_groups, numel
-from optimizer_recipes.core.schedule_free.recipe import ScheduleFreeRecipe
+from optimizer_recipes.core.run.loop import main
+from optimizer_recipes.core.schedule_free.deepspeed_fixes import CountersAdvanceOncePerStep
 from optimizer_recipes.core.schedule_free.fixes import FirstStepInAnyMode
+from optimizer_recipes.core.schedule_free.recipe import ScheduleFreeRecipe
 
 
 class SGDScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefree.SGDScheduleFree):
@@ -28,12 +29,18 @@ class SGDScheduleFree(FirstStepInAnyMode, CountersAdvanceOncePerStep, schedulefr
     first step allowed in either mode (FSDP2 resumes)."""
 
 
+@dataclass
+class ScheduleFreeSGDKnobs:
+    sgd_momentum: float = field(default=0.9, metadata={"help": "Schedule-free SGD momentum."})
+
+
 class ScheduleFreeSGDRecipe(ScheduleFreeRecipe):
     name = "schedule_free_sgd"
     order = 7
+    trainer_optim = "schedule_free_sgd"  # the Transformers Trainer's optim= name
     default_learning_rate = 1.0
     fine_tuning_learning_rate = 3e-2  # with --model_name_or_path: see the docstring
-    reads_flags = ("sgd_momentum",)
+    knobs = ScheduleFreeSGDKnobs
 
     def optimizer_state_bytes(self, shapes, element_bytes):
         return sum(numel(s) * element_bytes for s in shapes)  # z

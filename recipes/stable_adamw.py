@@ -15,17 +15,24 @@ Refuses: DeepSpeed ZeRO (its flat partitions would clip one partition of many te
 Install: pip install -e ".[optimi]".
 """
 
+from optimizer_recipes.core.optimizers.knobs import AdamKnobs
+from optimizer_recipes.core.optimizers.protocol import (
+    OptimizerRecipe,
+    decay_parameter_groups,
+    numel,
+    refuse_flattened_partitions,
+)
 from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, decay_parameter_groups, numel, refuse_flattened_partitions
 
 
 class StableAdamWRecipe(OptimizerRecipe):
     name = "stable_adamw"
     order = 12
+    trainer_optim = "stable_adamw"  # the Transformers Trainer's optim= name
     default_learning_rate = 1e-3
     fine_tuning_learning_rate = 2e-5
     default_max_grad_norm = 0.0  # the update clipping bounds each tensor's step
-    reads_flags = ("adam_beta1", "adam_beta2", "adam_epsilon")
+    knobs = AdamKnobs
     requires = ("optimi", '-e ".[optimi]" (or: pip install torch-optimi)')
 
     def refuse(self, config):

@@ -62,9 +62,8 @@ def run_here(recipe: str, *args: str, check: bool = True) -> subprocess.Complete
     in test_recipes_train.py. One
     thread, as in a launch (OMP_NUM_THREADS=1), so a run here and a launched run give bit-identical numbers."""
     import torch
-
-    from optimizer_recipes.core.run.loop import main
     from optimizer_recipes.core.optimizers.protocol import all_recipes
+    from optimizer_recipes.core.run.loop import main
 
     recipe_obj = next(r for r in all_recipes() if r.name == recipe)
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0

@@ -18,16 +18,15 @@ import tempfile
 import torch
 import torch.distributed as dist
 from lomo_optim import Lomo
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from optimizer_recipes.adalomo import AdaLomoRecipe
-from optimizer_recipes.core.fused_backward import engine_free_zero3
-from optimizer_recipes.core.run.config import parse_config
 from optimizer_recipes.core.data.embedded import EMBEDDED_DIR
+from optimizer_recipes.core.fused_backward import engine_free_zero3
 from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
+from optimizer_recipes.core.run.config import parse_config
 from optimizer_recipes.core.run.loop import exit_before_interpreter_teardown
 from optimizer_recipes.core.run.run_setup import build_accelerator
 from optimizer_recipes.lomo import LomoRecipe
+from transformers import AutoConfig, AutoModelForCausalLM
 
 STEPS = 3
 

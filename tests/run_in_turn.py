@@ -25,10 +25,10 @@ RUN_MARKER = re.compile(r"=== run (\d+): \S+ ===")
 def main(runs_file: str) -> None:
     import torch.distributed as dist
     from accelerate.state import PartialState
-
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
     from optimizer_recipes.core.run.config import parse_config
     from optimizer_recipes.core.run.loop import exit_before_interpreter_teardown, train
-    from optimizer_recipes.core.optimizers.protocol import all_recipes
+
     from tests.conftest import reset_accelerate_state
 
     PartialState.destroy_process_group = lambda self, group=None: None  # the next run joins the same group

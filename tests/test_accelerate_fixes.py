@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from accelerate.utils import imports
-
 from optimizer_recipes.adamw import RECIPE
 from optimizer_recipes.core.run.config import parse_config
 from optimizer_recipes.core.run.run_setup import build_accelerator

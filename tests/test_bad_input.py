@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from optimizer_recipes.core.run.config import MODEL_FILES
 from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.optimizers.protocol import all_recipes
+
 from tests.conftest import launch, run_here, smoke
 
 CASES = {

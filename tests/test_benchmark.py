@@ -94,13 +94,13 @@ def test_step_time_against_adamw_is_taken_within_each_round():
     # A slower round slows every recipe in it: the ratio is each round's, then their median (0.5 and 0.75 here),
     # not the ratio of the medians (2/3), which would let the drift between rounds in.
     sys.path.insert(0, str(REPO / "launch"))
-    from benchmark import against_adamw
+    from benchmark import against_reference
 
     def run(seconds):
         return {"step_seconds": [seconds], "error": None}
 
     rounds = [{("recipe", "adamw"): run(2.0), ("recipe", "lomo"): run(1.0)},
               {("recipe", "adamw"): run(4.0), ("recipe", "lomo"): run(3.0)}]
-    assert against_adamw(rounds, ["adamw", "lomo"], ["recipe"]) == [
+    assert against_reference(rounds, ["adamw", "lomo"], ["recipe"], "adamw") == [
         "- recipe step time vs `adamw` (median of the rounds' ratios; each round's): `lomo` 0.62 (0.50, 0.75)"]
-    assert against_adamw(rounds, ["lomo"], ["recipe"]) == []  # no AdamW run: nothing to compare against
+    assert against_reference(rounds, ["lomo"], ["recipe"], "adamw") == []  # no AdamW run: nothing to compare against

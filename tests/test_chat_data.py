@@ -7,15 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
 from optimizer_recipes.adamw import RECIPE as ADAMW
 from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX, assistant_mask, tokenize_example
-from optimizer_recipes.core.run.config import ConfigError, parse_config
-from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
-from optimizer_recipes.core.data.formats import Conversation
 from optimizer_recipes.core.data.embedded import EMBEDDED_DIR, chat_conversations
+from optimizer_recipes.core.data.formats import Conversation
+from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
 from optimizer_recipes.core.data.packing import PaddingCollator, best_fit_decreasing
+from optimizer_recipes.core.run.config import ConfigError, parse_config
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 EOS = "<|endoftext|>"
 QA = [("what is two plus three?", "two plus three is five."), ("count from four.", "four, five, six, seven."),

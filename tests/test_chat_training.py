@@ -8,14 +8,14 @@ import json
 import pytest
 import yaml
 from accelerate import Accelerator
+from optimizer_recipes.core.data.embedded import CHAT_TEMPLATE
+from optimizer_recipes.core.data.loading import load_raw_datasets
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.config import MODEL_FILES, parse_config
+from optimizer_recipes.core.run.loop import evaluate
+from optimizer_recipes.core.run.run_setup import build_dataloaders
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimizer_recipes.core.run.config import MODEL_FILES, parse_config
-from optimizer_recipes.core.data.loading import load_raw_datasets
-from optimizer_recipes.core.data.embedded import CHAT_TEMPLATE
-from optimizer_recipes.core.run.loop import evaluate
-from optimizer_recipes.core.optimizers.protocol import all_recipes
-from optimizer_recipes.core.run.run_setup import build_dataloaders
 from tests.conftest import assert_shared_launch_ran, read_metrics, results, run_here, train_losses, two_process_run
 
 RECIPES = {r.name: r for r in all_recipes()}

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from optimizer_recipes.adamw import RECIPE as ADAMW
-from optimizer_recipes.core.run import torch_compile
 from optimizer_recipes.core.models.attention import model_problem
+from optimizer_recipes.core.run import torch_compile
 from optimizer_recipes.core.run.config import ConfigError, parse_config
-from tests.conftest import (assert_same_weights, launch, launch_in_turn, results, run_flags, shared_output,
-                            train_losses)
+
+from tests.conftest import assert_same_weights, launch, launch_in_turn, results, run_flags, shared_output, train_losses
 from tests.run_in_turn import outputs_of_each_run
 
 

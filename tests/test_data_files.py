@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import yaml
-
-from optimizer_recipes.core.run.config import parse_config
-from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
 from optimizer_recipes.core.data.files import check_data_files
-from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
 from optimizer_recipes.core.models.sources import load_tokenizer
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.config import parse_config
+
 from tests.conftest import REPO, offline_env, run_here
 
 ADAMW = next(r for r in all_recipes() if r.name == "adamw")

@@ -17,13 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from optimizer_recipes.core.optimizers.compatibility import DISTRIBUTED_CONFIGS, launch_setup, refusal
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimizer_recipes.core.optimizers.compatibility import DISTRIBUTED_CONFIGS, launch_setup, refusal
-from optimizer_recipes.core.optimizers.protocol import all_recipes
-from tests.conftest import (CONFIGS, REPO, assert_same_weights, assert_shared_launch_ran, cpu_env, free_port, launch,
-                            offline_env, read_metrics, results, run_flags, run_here, train_losses, two_process_run)
+from tests.conftest import (
+    CONFIGS,
+    REPO,
+    assert_same_weights,
+    assert_shared_launch_ran,
+    cpu_env,
+    free_port,
+    launch,
+    offline_env,
+    read_metrics,
+    results,
+    run_flags,
+    run_here,
+    train_losses,
+    two_process_run,
+)
 
 RECIPES = {r.name: r for r in all_recipes()}
 CELLS = [(name, config) for name in RECIPES for config in DISTRIBUTED_CONFIGS]

@@ -5,7 +5,6 @@ fails here, naming the command that rewrites it."""
 from __future__ import annotations
 
 import pytest
-
 from optimizer_recipes.measure.doc_blocks import BLOCKS, COMMAND, REPO, read_block, replace_block
 
 

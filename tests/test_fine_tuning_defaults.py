@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from optimizer_recipes.core.run.config import parse_config
 from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.config import parse_config
+
 from tests.conftest import results, run_here, shared_output, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}

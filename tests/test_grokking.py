@@ -132,9 +132,8 @@ def test_grokadamw_moments_are_torchs_optimizer_state():
     "initializes" the state with a zero-gradient step at each save, which decays the moments. The fix keeps them in
     `Optimizer.state`, where that step is skipped and state_dict() holds them by parameter index."""
     from grokadamw import GrokAdamW
+    from optimizer_recipes.grokadamw import grokadamw_with_checkpointable_state
     from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-    from optimizer_recipes.core.grokadamw_fixes import GrokAdamWWithCheckpointableState
 
     def after_a_step_and_a_checkpoint_init(optimizer_class):
         torch.manual_seed(0)
@@ -149,7 +148,7 @@ def test_grokadamw_moments_are_torchs_optimizer_state():
 
     upstream, before, after = after_a_step_and_a_checkpoint_init(GrokAdamW)
     assert not upstream.state and not torch.equal(before, after)  # upstream: decayed by a step nobody took
-    fixed, before, after = after_a_step_and_a_checkpoint_init(GrokAdamWWithCheckpointableState)
+    fixed, before, after = after_a_step_and_a_checkpoint_init(grokadamw_with_checkpointable_state())
     assert torch.equal(before, after) and fixed.state[fixed.param_groups[0]["params"][0]]["step"] == 1
     saved = fixed.state_dict()
     assert torch.equal(saved["state"][0]["exp_avg"], before) and "state" not in saved["param_groups"][0]

@@ -7,13 +7,21 @@ import json
 
 import pytest
 import torch
+from optimizer_recipes.core.optimizers.compatibility import DISTRIBUTED_CONFIGS, refusal
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.loop import main
 from safetensors.torch import load_file
 
-from optimizer_recipes.core.optimizers.compatibility import DISTRIBUTED_CONFIGS, refusal
-from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.optimizers.protocol import all_recipes
-from tests.conftest import (assert_same_weights, assert_shared_launch_ran, read_metrics, results, run_flags, run_here,
-                            shared_output, two_process_run)
+from tests.conftest import (
+    assert_same_weights,
+    assert_shared_launch_ran,
+    read_metrics,
+    results,
+    run_flags,
+    run_here,
+    shared_output,
+    two_process_run,
+)
 from tests.test_distributed import environment_of
 
 RECIPES = {r.name: r for r in all_recipes()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from lomo_optim import AdaLomo
-
 from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
 
 

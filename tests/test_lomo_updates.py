@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 from lomo_optim import AdaLomo, Lomo
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from optimizer_recipes.core.fused_backward import lomo_updates
 from optimizer_recipes.core.data.embedded import EMBEDDED_DIR
+from optimizer_recipes.core.fused_backward import lomo_updates
 from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
 from optimizer_recipes.core.fused_backward.lomo_updates import LinearTimeAdaLomo, LinearTimeLomo
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from tests.conftest import CONFIGS, REPO, free_port, offline_env
 
 STEPS = 3

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
-from safetensors.torch import load_file
-
 from optimizer_recipes.core.data.embedded import write_scaled_model
 from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
 from optimizer_recipes.core.optimizers.protocol import all_recipes, recipe_names
+from PIL import Image
+from safetensors.torch import load_file
+
 from tests.conftest import REAL_MODEL_BLOCK, REPO, offline_env, read_metrics, run_here, shared_output
 
 # A second size where hidden >= 256, so factored moments are small next to the matrices they describe.
@@ -40,7 +40,6 @@ def profiled_in_process(out: Path) -> None:
     to out/report.json as the tool writes them. The tool itself is run on the medium model."""
     sys.path.insert(0, str(REPO / "launch"))
     import memory_report as tool
-
     from optimizer_recipes.core.memory.estimate import estimate, meta_model
 
     settings = argparse.Namespace(model_name_or_path=None, max_steps=3, per_device_train_batch_size=8,

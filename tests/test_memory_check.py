@@ -7,12 +7,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from optimizer_recipes.core.memory import check as memory_check
-from optimizer_recipes.core.run.config import parse_config
 from optimizer_recipes.core.memory.check import ALLOCATOR_SLACK, ESTIMATE_ERROR, GIB, PROCESS_BASELINE
 from optimizer_recipes.core.memory.estimate import estimate, meta_model
 from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.config import parse_config
+
 from tests.conftest import REPO, launch, results, run_here, shared_output
 
 RECIPES = {r.name: r for r in all_recipes()}

@@ -9,20 +9,20 @@ import io
 
 import pytest
 import torch
-
 from optimizer_recipes.core.low_rank import fixes as low_rank_fixes
-from optimizer_recipes.core.run.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
-from optimizer_recipes.core.run.loop import main
 from optimizer_recipes.core.low_rank.recipe import target_matrices
-from optimizer_recipes.core.optimizers.protocol import all_recipes, parameter_roles
 from optimizer_recipes.core.models.sources import load_model, load_model_config
+from optimizer_recipes.core.optimizers.protocol import all_recipes, parameter_roles
+from optimizer_recipes.core.run.config import Config, DataArguments, ModelArguments, TrainArguments
+from optimizer_recipes.core.run.loop import main
 
 RECIPES = {r.name: r for r in all_recipes()}
 MEMORY_SAVERS = ("galore", "apollo", "apollo_mini", "adamw_8bit", "stable_adamw")
 
 
 def embedded_model_and_config(recipe: str, **optim) -> tuple[torch.nn.Module, Config]:
-    config = Config(ModelArguments(), DataArguments(), TrainArguments(), OptimizerArguments(**optim), recipe=recipe)
+    config = Config(ModelArguments(), DataArguments(), TrainArguments(), RECIPES[recipe].arguments_class()(**optim),
+                    recipe=recipe)
     RECIPES[recipe].fill_defaults(config)
     torch.manual_seed(0)
     return load_model(config, load_model_config(config)), config

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import schedulefree
 import torch
-from safetensors.torch import load_file
-
 from optimizer_recipes.core.run.config import parse_config
-from optimizer_recipes.core.schedule_free.deepspeed_fixes import GROUP_COUNTERS
 from optimizer_recipes.core.run.loop import train
+from optimizer_recipes.core.schedule_free.deepspeed_fixes import GROUP_COUNTERS
 from optimizer_recipes.lomo import LomoRecipe
 from optimizer_recipes.schedule_free_adamw import AdamWScheduleFree, ScheduleFreeAdamWRecipe
 from optimizer_recipes.schedule_free_sgd import SGDScheduleFree
+from safetensors.torch import load_file
+
 from tests.conftest import read_metrics, run_here, train_losses
 
 

@@ -14,16 +14,16 @@ import sys
 import pytest
 import yaml
 from accelerate import Accelerator
+from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX, has_generation_markers, tokenize_example
+from optimizer_recipes.core.data.formats import Conversation
+from optimizer_recipes.core.data.loading import load_raw_datasets
+from optimizer_recipes.core.models.gguf_source import packaged_model_file
+from optimizer_recipes.core.optimizers.protocol import all_recipes
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.run.loop import evaluate
+from optimizer_recipes.core.run.run_setup import build_dataloaders
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX, has_generation_markers, tokenize_example
-from optimizer_recipes.core.run.config import parse_config
-from optimizer_recipes.core.data.loading import load_raw_datasets
-from optimizer_recipes.core.data.formats import Conversation
-from optimizer_recipes.core.models.gguf_source import packaged_model_file
-from optimizer_recipes.core.run.loop import evaluate
-from optimizer_recipes.core.optimizers.protocol import all_recipes
-from optimizer_recipes.core.run.run_setup import build_dataloaders
 from tests.conftest import REPO, launch, offline_env, results, run_here, train_losses
 
 RECIPES = {r.name: r for r in all_recipes()}

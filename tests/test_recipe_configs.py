@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
+from optimizer_recipes.core.optimizers.protocol import all_recipes, recipe_names
 from optimizer_recipes.core.run.config import ConfigError, parse_config
-from optimizer_recipes.core.optimizers.protocol import recipe_names, all_recipes
+
 from tests.conftest import REPO
 
 RECIPES = {r.name: r for r in all_recipes()}

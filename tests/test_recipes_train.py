@@ -12,15 +12,23 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
+from optimizer_recipes.core.data.loading import load_raw_datasets
+from optimizer_recipes.core.optimizers.protocol import all_recipes, recipe_names
+from optimizer_recipes.core.run.config import parse_config
+from optimizer_recipes.core.run.loop import evaluate
+from optimizer_recipes.core.run.run_setup import build_dataloaders
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimizer_recipes.core.run.config import parse_config
-from optimizer_recipes.core.data.loading import load_raw_datasets
-from optimizer_recipes.core.run.loop import evaluate
-from optimizer_recipes.core.optimizers.protocol import recipe_names, all_recipes
-from optimizer_recipes.core.run.run_setup import build_dataloaders
-from tests.conftest import (REPO, offline_env, read_metrics, reset_accelerate_state, results, run_here, smoke,
-                            train_losses)
+from tests.conftest import (
+    REPO,
+    offline_env,
+    read_metrics,
+    reset_accelerate_state,
+    results,
+    run_here,
+    smoke,
+    train_losses,
+)
 
 STEPS = 40
 
@@ -209,9 +217,8 @@ def test_every_offered_schedule_trains_three_steps(tmp_path):
     --lr_scheduler_kwargs) trains: the lr of each step is transformers' schedule for those arguments (warmup and
     kwargs included), and the run ends with a model."""
     import torch
-    from transformers import get_scheduler
-
     from optimizer_recipes.core.run.config import SCHEDULE_NEEDS, offered_schedules
+    from transformers import get_scheduler
 
     def expected_lrs(schedule: str, warmup: int, kwargs: dict) -> list[float]:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)

@@ -13,12 +13,26 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from optimizer_recipes.core.optimizers.protocol import all_recipes, recipe_names
+from optimizer_recipes.core.run.loop import main
 from safetensors.torch import load_file
 
-from optimizer_recipes.core.run.loop import main
-from optimizer_recipes.core.optimizers.protocol import recipe_names, all_recipes
-from tests.conftest import (CONFIGS, REPO, assert_shared_launch_ran, cpu_env, free_port, launch, offline_env,
-                            read_metrics, results, run_flags, run_here, shared_output, smoke, two_process_run)
+from tests.conftest import (
+    CONFIGS,
+    REPO,
+    assert_shared_launch_ran,
+    cpu_env,
+    free_port,
+    launch,
+    offline_env,
+    read_metrics,
+    results,
+    run_flags,
+    run_here,
+    shared_output,
+    smoke,
+    two_process_run,
+)
 
 FAULTS = str(Path(__file__).resolve().parent / "fault_injection")
 RECIPES = {r.name: r for r in all_recipes()}
@@ -66,7 +80,7 @@ def test_adalomo_and_grokadamw_state_is_in_the_checkpoint(tmp_path):
         if recipe == "adalomo":
             assert state["adalomo"]["step_num"] == 3
             assert all(v.abs().sum() > 0 for v in state["adalomo"]["exp_avg_sq_row"].values())
-        else:  # torch's optimizer state, by parameter index (recipes/core/grokadamw_fixes.py)
+        else:  # torch's optimizer state, by parameter index (recipes/grokadamw.py)
             moments = list(state["state"].values())
             assert moments and all(s["step"] == 3 and s["exp_avg"].abs().sum() > 0 for s in moments)
 

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from optimizer_recipes.core.run.config import parse_config
 from optimizer_recipes.core.fused_backward.recipe import FusedBackwardRecipe
-from optimizer_recipes.core.optimizers.protocol import all_recipes
 from optimizer_recipes.core.models.sources import load_model, load_model_config
+from optimizer_recipes.core.optimizers.protocol import all_recipes
 from optimizer_recipes.core.per_tensor.steps import StepsEachTensor
 from optimizer_recipes.core.per_tensor.stochastic_rounding import RoundingNoise
-from tests.conftest import (assert_shared_launch_ran, read_metrics, results, run_flags, run_here, train_losses,
-                            two_process_run)
+from optimizer_recipes.core.run.config import parse_config
+from safetensors.torch import load_file
+
+from tests.conftest import (
+    assert_shared_launch_ran,
+    read_metrics,
+    results,
+    run_flags,
+    run_here,
+    train_losses,
+    two_process_run,
+)
 
 RECIPES = {r.name: r for r in all_recipes()}
 ORDINARY = [name for name, r in RECIPES.items() if not isinstance(r, FusedBackwardRecipe)]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
-
 from optimizer_recipes.core.run import throughput
+from transformers import LlamaConfig
 
 
 def test_flops_per_token_counts_matmuls_without_the_input_embedding_plus_attention():
@@ -84,7 +83,6 @@ def test_matmul_rate_command_prints_its_table(tmp_path):
 
 def test_the_log_line_carries_mfu_from_the_measured_token_rate(tmp_path, fresh_accelerate_state):
     from accelerate import Accelerator
-
     from optimizer_recipes.core.run.metrics import TrainingMetrics
 
     metrics = TrainingMetrics(Accelerator(cpu=True), tmp_path, total_steps=4, flops_per_token=1e6, peak_flops=1e9)

@@ -12,11 +12,19 @@ import json
 import pytest
 import torch
 import yaml
+from optimizer_recipes.core.run.token_loss import ChunkedLoss, FullLogitsLoss
 from transformers import AutoModelForCausalLM
 
-from optimizer_recipes.core.run.token_loss import ChunkedLoss, FullLogitsLoss
-from tests.conftest import (REAL_MODEL_BLOCK, assert_same_weights, assert_shared_launch_ran, read_metrics, results,
-                            run_here, train_losses, two_process_run)
+from tests.conftest import (
+    REAL_MODEL_BLOCK,
+    assert_same_weights,
+    assert_shared_launch_ran,
+    read_metrics,
+    results,
+    run_here,
+    train_losses,
+    two_process_run,
+)
 
 # 8 steps of 4 rows at a constant lr, one example per row
 FLAGS = ["--max_steps", "8", "--logging_steps", "1", "--lr_scheduler_type", "constant", "--packing", "false",

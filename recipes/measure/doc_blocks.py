@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from optimizer_recipes.core.optimizers.protocol import reference_recipe
 from optimizer_recipes.measure import results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +63,7 @@ def ratios_against(folders, a: str, b: str, same_optimizer: bool) -> dict[str, l
             continue
         rounds = results.read_benchmark_rounds(REPO / folder)
         for name in {n for r in rounds for (_, n) in r}:
-            values = results.round_ratios(rounds, (a, name), (b, name if same_optimizer else "adamw"))
+            values = results.round_ratios(rounds, (a, name), (b, name if same_optimizer else reference_recipe()))
             if values:
                 found[name] = values
     return found
@@ -78,7 +79,7 @@ def run_peaks() -> dict[str, float]:
         by_recipe = {row["recipe"]: row["measured"]["run_peak_bytes"] for row in report["recipes"].values()
                      if row.get("loss", "chunked") == "chunked"}
         for name, peak in by_recipe.items():
-            peaks[name] = peak / by_recipe["adamw"]
+            peaks[name] = peak / by_recipe[reference_recipe()]
     return peaks
 
 
@@ -97,12 +98,11 @@ def seven_b_measured() -> dict[str, tuple[bool, float]]:
 def seven_b_estimates(in_backward: bool) -> dict[str, float]:
     """The estimator's run peak plus the process's baseline (what the pre-flight check compares), GiB, at the 7B
     runs' setting: bf16 weights, 1 x 256 tokens, gradient checkpointing, evaluation batch 1."""
-    from transformers import AutoConfig
-
-    from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
     from optimizer_recipes.core.memory.check import PROCESS_BASELINE
     from optimizer_recipes.core.memory.estimate import estimate_each, meta_model
     from optimizer_recipes.core.optimizers.protocol import all_recipes
+    from optimizer_recipes.core.per_tensor.in_backward import UpdatesInBackward
+    from transformers import AutoConfig
 
     recipes = [UpdatesInBackward(r) if in_backward and not r.updates_in_backward else r for r in all_recipes()]
     model = meta_model(None, config=AutoConfig.from_pretrained(REPO / SEVEN_B_SHAPE))
@@ -147,7 +147,7 @@ def which_optimizer() -> str:
             fits = f"in backward ({in_backward[name]:.1f} GiB; {kept[name]:.1f} with every gradient kept)"
         else:
             fits = f"no ({kept[name]:.1f} GiB; {in_backward[name]:.1f} in backward)"
-        step = "1.00" if name == "adamw" else spread(against_adamw[name]) if name in against_adamw else "-"
+        step = "1.00" if name == reference_recipe() else spread(against_adamw[name]) if name in against_adamw else "-"
         backward = "always" if recipe.updates_in_backward else (
             spread(backward_over_ordinary[name]) if name in backward_over_ordinary else "-")
         lines.append(f"| `{name}` | {peaks[name]:.2f}x | {fits} | {accuracy_cell(record, name)} | {step} | "
@@ -174,7 +174,7 @@ def comparison() -> str:
         again = results.best_at_every_seed(record, name)
         accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in again)
         losses = " / ".join(f"{r['eval_loss']:.3f}" for r in again)
-        step = "1.00" if name == "adamw" else spread(against_adamw[name]) if name in against_adamw else "-"
+        step = "1.00" if name == reference_recipe() else spread(against_adamw[name]) if name in against_adamw else "-"
         lines.append(f"| `{name}` | {lr_text(best[name]['learning_rate'])}{cap} | {accuracies} | {losses} | {step} |")
     return "\n".join(lines) + "\n"
 

@@ -20,9 +20,8 @@ import re
 from pathlib import Path
 
 from jinja2 import TemplateError
-
-from optimizer_recipes.core.run.config import ConfigError
 from optimizer_recipes.core.data.formats import Conversation, PromptCompletion, RowError
+from optimizer_recipes.core.run.config import ConfigError
 
 IGNORE_INDEX = -100  # the label of a token the loss skips (transformers' and PyTorch's convention)
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -15,8 +15,8 @@ import csv
 import json
 from pathlib import Path
 
-from optimizer_recipes.core.run.config import DATA_FILE_BUILDERS, ConfigError
 from optimizer_recipes.core.data.formats import FORMAT_COLUMNS
+from optimizer_recipes.core.run.config import DATA_FILE_BUILDERS, ConfigError
 
 
 def data_files_in(path: Path) -> list[Path]:

@@ -9,12 +9,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from datasets import Dataset, DatasetDict, load_dataset
-
 from optimizer_recipes.core.data import embedded
 from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX, tokenize_example
-from optimizer_recipes.core.run.config import Config, ConfigError, data_file_builder
-from optimizer_recipes.core.data.formats import ANSWER_ONLY_FLAG, RowError, conversation_of, detect_format, trains_on_answers_only
+from optimizer_recipes.core.data.formats import (
+    ANSWER_ONLY_FLAG,
+    RowError,
+    conversation_of,
+    detect_format,
+    trains_on_answers_only,
+)
 from optimizer_recipes.core.data.packing import concatenate_into_blocks, pack_examples
+from optimizer_recipes.core.run.config import Config, ConfigError, data_file_builder
 
 ROW_NUMBER = "_row_number"  # a column added to every split: each row's 1-based position as loaded
 

@@ -19,7 +19,6 @@ from bisect import bisect_left, insort
 from itertools import chain
 
 import torch
-
 from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX
 
 

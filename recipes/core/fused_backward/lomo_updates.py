@@ -32,7 +32,6 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from lomo_optim import Lomo
-
 from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
 
 UPDATE_CHUNK = 1 << 24  # elements of a 16-bit LOMO update upcast at once: 64 MiB per fp32 temporary

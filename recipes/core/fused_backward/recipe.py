@@ -6,7 +6,6 @@ import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
-
 from optimizer_recipes.core.fused_backward import engine_free_zero3
 from optimizer_recipes.core.fused_backward.lomo_fixes import average_gradients_across_processes
 from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, largest_numel
@@ -16,7 +15,6 @@ from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_noise
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
     from optimizer_recipes.core.run.config import Config
 
 

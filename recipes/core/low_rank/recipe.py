@@ -10,11 +10,17 @@ matrices), and counts the state for the memory estimator. Each recipe file says 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
-
-from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, numel, parameter_roles, refuse_flattened_partitions
+from optimizer_recipes.core.optimizers.knobs import AdamKnobs
+from optimizer_recipes.core.optimizers.protocol import (
+    OptimizerRecipe,
+    numel,
+    parameter_roles,
+    refuse_flattened_partitions,
+)
 
 if TYPE_CHECKING:
     from optimizer_recipes.core.run.config import Config
@@ -56,11 +62,21 @@ def projected_shape(shape: tuple[int, int], rank: int) -> tuple[tuple[int, int],
     return (m, rank), (rank, n)
 
 
+@dataclass
+class LowRankKnobs(AdamKnobs):
+    optim_target_modules: str = field(
+        default="all-linear", metadata={"help": "GaLore/APOLLO: the nn.Linear modules whose weight gradients are "
+                                                 "projected: all-linear (every nn.Linear but the output layer: the "
+                                                 "decoder blocks' projections) or comma-separated parts of module "
+                                                 "names (e.g. self_attn,mlp); the rest get full-rank AdamW."})
+
+
 class LowRankRecipe(OptimizerRecipe):
     """An AdamW whose target matrices' moments live in a rank-r projection of their gradients."""
 
     projection_words = ""  # what the projection needs of each weight matrix, for the refusals
-    default_rank = 128  # what the memory estimator counts (it sees shapes, not flags)
+    default_rank = 128  # what the memory estimator counts (it sees shapes, not flags): the knobs' default
+    default_scale = 1.0
 
     def projection(self, config: Config) -> dict:
         """The target group's settings, as the optimizer reads them."""
@@ -99,6 +115,14 @@ class LowRankRecipe(OptimizerRecipe):
             else:
                 total += 2 * numel(shape) * element_bytes  # full-rank AdamW moments
         return total
+
+    def trainer_arguments(self) -> dict:
+        """The Trainer's low-rank optimizers need their targets (every linear layer of the decoder blocks), and the
+        rank and scale (the recipes' fine-tuning defaults and APOLLO-Mini's preset differ from the Trainer's)."""
+        optim_args = f"rank={self.default_rank},scale={self.default_scale:g}"
+        if hasattr(self, "default_scale_type"):
+            optim_args += f",scale_type={self.default_scale_type}"
+        return {"optim_target_modules": ["self_attn", "mlp"], "optim_args": optim_args}
 
     def build_optimizer(self, groups: list[dict], config: Config) -> torch.optim.Optimizer:
         raise NotImplementedError

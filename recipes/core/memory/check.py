@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 import torch
-
+from optimizer_recipes.core.memory.estimate import estimate_each, meta_model
 from optimizer_recipes.core.run.config import Config, ConfigError, default_block_size
 from optimizer_recipes.core.run.launch_setup import LaunchSetup
-from optimizer_recipes.core.memory.estimate import estimate_each, meta_model
 
 GIB = 1024**3
 # How far the estimator's run peak has been from the measured peak (tests/test_memory.py holds it to this; the

@@ -34,14 +34,12 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig, AutoModelForCausalLM, masking_utils
-
 from optimizer_recipes.core.data import embedded
-
 from optimizer_recipes.core.models import gguf_source
 from optimizer_recipes.core.optimizers.protocol import ParameterShapes, parameter_roles
 from optimizer_recipes.core.run.token_loss import CHUNK_LOGITS, MIN_POSITIONS, build_token_loss
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig, AutoModelForCausalLM, masking_utils
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "bf16-nearest")
 

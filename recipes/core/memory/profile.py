@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from optimizer_recipes.core.optimizers.wrappers import unwrap_optimizer
 
 GIB = 1024**3

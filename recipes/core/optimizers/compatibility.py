@@ -7,11 +7,11 @@ tests/test_in_backward.py launch every cell, so the tables cannot drift from the
 
 from __future__ import annotations
 
-
-from optimizer_recipes.core.run.config import Config, DataArguments, ModelArguments, OptimizerArguments, TrainArguments
-from optimizer_recipes.core.run.launch_setup import LaunchSetup
 from optimizer_recipes.core.memory.check import CONFIG_DIR
 from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, all_recipes
+from optimizer_recipes.core.run.config import Config, DataArguments, ModelArguments, TrainArguments
+from optimizer_recipes.core.run.launch_setup import LaunchSetup
+
 DISTRIBUTED_CONFIGS = ("multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp2.yaml")
 
 
@@ -19,7 +19,7 @@ def refusal(recipe: OptimizerRecipe, config_file: str, in_backward: bool = False
     """The recipe's start-up refusal under this config file with default flags (and --optimizer_in_backward if
     asked), or None if it runs."""
     config = Config(ModelArguments(), DataArguments(), TrainArguments(optimizer_in_backward=in_backward),
-                    OptimizerArguments(), recipe=recipe.name, launch=launch_setup(config_file))
+                    recipe.arguments_class()(), recipe=recipe.name, launch=launch_setup(config_file))
     recipe = recipe.for_run(config)
     recipe.fill_defaults(config)
     return recipe.refuse(config)

@@ -11,21 +11,22 @@ Each `recipes/<name>.py` subclasses one of these and adds how its optimizer is b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib
 import importlib.util
 import pkgutil
 import sys
+import typing
 from typing import TYPE_CHECKING, Optional
 
 import torch
-
 from optimizer_recipes.core.per_tensor.steps import StepsEachTensor
 from optimizer_recipes.core.per_tensor.stochastic_rounding import CHUNK as ROUNDING_CHUNK
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_noise
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
     from optimizer_recipes.core.run.config import Config
 
 
@@ -46,6 +47,41 @@ def all_recipes() -> list[OptimizerRecipe]:
 
 def recipe_names() -> list[str]:
     return [r.name for r in all_recipes()]
+
+
+def recipe_named(name: str) -> OptimizerRecipe:
+    return next(r for r in all_recipes() if r.name == name)
+
+
+def reference_recipe() -> str:
+    """The name of the recipe the others are compared with (AdamW's)."""
+    return next(r.name for r in all_recipes() if r.is_reference)
+
+
+def optimizer_arguments(recipe: OptimizerRecipe) -> type:
+    """The dataclass a recipe's command line is parsed into beside the shared arguments: its own knobs, with its
+    defaults, then every other recipe's (each once), so that a knob of another optimizer is recognised and refused
+    with the one line naming the recipes that read it, and `config.optim.<knob>` reads any of them."""
+    others = tuple(r.knobs for r in all_recipes() if r.knobs is not None and r.name != recipe.name)
+    return _merged(recipe.knobs, others)
+
+
+def knob_names(recipe) -> set[str]:
+    """Every optimizer knob's name (the union over the recipes)."""
+    return {f.name for f in dataclasses.fields(optimizer_arguments(recipe))}
+
+
+@functools.cache
+def _merged(own: type | None, others: tuple[type, ...]) -> type:
+    fields: dict[str, tuple] = {}
+    for knobs in ((own,) if own else ()) + others:
+        hints = typing.get_type_hints(knobs)
+        for f in dataclasses.fields(knobs):
+            if f.name not in fields:
+                default = {"default": f.default} if f.default is not dataclasses.MISSING else {
+                    "default_factory": f.default_factory}
+                fields[f.name] = (f.name, hints[f.name], dataclasses.field(metadata=f.metadata, **default))
+    return dataclasses.make_dataclass("OptimizerArguments", list(fields.values()))
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -110,7 +146,10 @@ class OptimizerRecipe:
     fine_tuning_learning_rate: float = 2e-5  # with --model_name_or_path: a pretrained model
     default_lr_scheduler_type: str = "linear"
     default_max_grad_norm: float = 1.0
-    reads_flags: tuple[str, ...] = ()  # the OptimizerArguments this optimizer reads
+    trainer_optim: Optional[str] = None  # the Transformers Trainer's optim= name for this optimizer, if it has one
+    compared_with: Optional[str] = None  # a recipe whose step time this one's is set against (launch/benchmark.py)
+    is_reference: bool = False  # the recipe the others' memory and step time are compared with (AdamW)
+    knobs: Optional[type] = None  # the dataclass of the flags this optimizer reads, with their defaults (knobs.py)
     keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
     updates_in_backward: bool = False  # the update runs inside backward (the LOMO family), not in a step after it
     update_note: str = ""  # said on the start-up line where the update is not an ordinary step
@@ -120,6 +159,15 @@ class OptimizerRecipe:
     source_settings: tuple[tuple[str, float, tuple[str, ...]], ...] = ()
     # An optional package the optimizer comes from: (module to import, what to pip install), or None
     requires: Optional[tuple[str, str]] = None
+
+    def arguments_class(self) -> type:
+        """The dataclass of every optimizer knob, with this recipe's defaults (`optimizer_arguments`)."""
+        return optimizer_arguments(self)
+
+    @property
+    def reads_flags(self) -> tuple[str, ...]:
+        """The optimizer knobs this recipe reads: its `knobs` dataclass's fields."""
+        return tuple(f.name for f in dataclasses.fields(self.knobs)) if self.knobs else ()
 
     def optimizer_state_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         """Bytes of optimizer state for parameters of these shapes (for the memory estimator)."""
@@ -196,6 +244,11 @@ class OptimizerRecipe:
             return None
         readers = ", ".join(r.name for r in all_recipes() if unread[0] in r.reads_flags) or "no recipe"
         return f"--{unread[0]} has no effect on {self.name}; it is read by {readers}. Drop the flag or pick that recipe"
+
+    def trainer_arguments(self) -> dict:
+        """TrainingArguments beyond optim= with which the Trainer builds this recipe's optimizer at its defaults
+        (launch/benchmark.py's Trainer harness)."""
+        return {}
 
     def scheduler_warmup_steps(self, config: Config) -> int:
         return config.train.warmup_steps

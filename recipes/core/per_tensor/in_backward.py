@@ -29,15 +29,13 @@ import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
-
-from optimizer_recipes.core.run.config import ConfigError
 from optimizer_recipes.core.fused_backward.lomo_fixes import average_gradients_across_processes
 from optimizer_recipes.core.per_tensor.steps import StepsEachTensor
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_noise
+from optimizer_recipes.core.run.config import ConfigError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
     from optimizer_recipes.core.run.config import Config
 
 NO_GLOBAL_NORM = ("in backward each gradient is freed as soon as its parameter is updated, so no global norm exists "

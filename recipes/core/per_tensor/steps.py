@@ -22,7 +22,6 @@ changes no recipe's arithmetic (tests/test_stochastic_rounding.py, tests/test_in
 from __future__ import annotations
 
 import torch
-
 from optimizer_recipes.core.per_tensor.stochastic_rounding import RoundingNoise
 
 

@@ -12,7 +12,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
 from optimizer_recipes.core.run.config import ConfigError
 
 

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
-
 from optimizer_recipes.core.run.accelerate_fixes import checkpoint_weights_loaded_in_place
 from optimizer_recipes.core.run.config import MODEL_FILES, Config, ConfigError
 

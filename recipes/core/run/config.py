@@ -14,14 +14,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import yaml
+from optimizer_recipes.core.run.launch_setup import LaunchSetup
 from transformers import HfArgumentParser
 from transformers.trainer_utils import SchedulerType
-
-from optimizer_recipes.core.run.launch_setup import LaunchSetup
 
 if TYPE_CHECKING:
     from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
@@ -192,53 +191,13 @@ class TrainArguments:
     run_name: Optional[str] = None
 
 
-@dataclass
-class OptimizerArguments:
-    """Knobs of particular optimizers. A recipe lists the ones it reads; setting any other one is an error."""
-
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    sgd_momentum: float = field(default=0.9, metadata={"help": "Schedule-free SGD momentum."})
-    clip_grad_value: Optional[float] = field(default=None, metadata={"help": "LOMO/AdaLomo: clamp each gradient."})
-    loss_scale: float = field(default=2.0**10, metadata={"help": "AdaLomo's static loss scale."})
-    grokadamw_alpha_init: float = 0.98
-    grokadamw_lamb: float = 2.0
-    grokadamw_gamma: float = 0.1
-    grokadamw_signal: str = field(
-        default="off", metadata={"help": "GrokAdamW's grokking signal: off (upstream's default: the EMA decay stays "
-                                          "at alpha_init) or eval_train_gap (relative gap of evaluation over training "
-                                          "loss, refreshed at each --eval_steps evaluation)."})
-    grokadamw_signal_decay_rate: float = field(
-        default=0.1, metadata={"help": "GrokAdamW: alpha = alpha_init * exp(-rate * signal)."})
-    optim_target_modules: str = field(
-        default="all-linear", metadata={"help": "GaLore/APOLLO: the nn.Linear modules whose weight gradients are "
-                                                 "projected: all-linear (every nn.Linear but the output layer: the "
-                                                 "decoder blocks' projections) or comma-separated parts of module "
-                                                 "names (e.g. self_attn,mlp); the rest get full-rank AdamW."})
-    galore_rank: Optional[int] = field(default=None, metadata={"help": "GaLore: rank of the projection; default 16."})
-    galore_update_interval: int = field(
-        default=200, metadata={"help": "GaLore: steps between refreshes of the projection (an SVD of the gradient)."})
-    galore_scale: Optional[float] = field(
-        default=None, metadata={"help": "GaLore: scale of the projected-back update; default 2."})
-    galore_proj_type: str = field(
-        default="std", metadata={"help": "GaLore: std (project the shorter side), reverse_std, left, right or full."})
-    apollo_rank: Optional[int] = field(
-        default=None, metadata={"help": "APOLLO: rank of the random projection; default 16 (apollo), 1 (apollo_mini)."})
-    apollo_update_interval: int = field(
-        default=200, metadata={"help": "APOLLO: steps between refreshes of the projection."})
-    apollo_scale: Optional[float] = field(
-        default=None, metadata={"help": "APOLLO: scale of the update; default 32 (apollo), 128 (apollo_mini)."})
-    apollo_scale_type: Optional[str] = field(
-        default=None, metadata={"help": "APOLLO: channel (one scaling factor per row or column) or tensor; default "
-                                         "channel (apollo), tensor (apollo_mini)."})
-    apollo_proj: str = field(default="random", metadata={"help": "APOLLO: random (seeded) or svd projection."})
-    apollo_proj_type: str = field(
-        default="std", metadata={"help": "APOLLO: std (project the shorter side), reverse_std, left or right."})
+SHARED_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, OptimizerArguments)
-OPTIMIZER_FLAGS = {f.name for f in dataclasses.fields(OptimizerArguments)}
+def argument_classes(recipe) -> tuple[type, ...]:
+    """What a recipe's command line is parsed into: the shared arguments, then the optimizer knobs (the recipe's own,
+    with its defaults, and every other recipe's, refused: `recipe.arguments_class()`)."""
+    return SHARED_ARGUMENTS + (recipe.arguments_class(),)
 
 
 @dataclass
@@ -246,7 +205,7 @@ class Config:
     model: ModelArguments
     data: DataArguments
     train: TrainArguments
-    optim: OptimizerArguments
+    optim: Any  # the recipe's knobs dataclass, with every other recipe's (optimizer_arguments)
     recipe: str = ""
     launch: LaunchSetup = field(default_factory=LaunchSetup.from_environment)
     defaults_used: dict = field(default_factory=dict)  # flag -> which default filled it in, and why
@@ -258,16 +217,16 @@ class Config:
         return out
 
 
-def all_flag_names() -> list[str]:
-    return [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
+def all_flag_names(recipe) -> list[str]:
+    return [f.name for cls in argument_classes(recipe) for f in dataclasses.fields(cls)]
 
 
 # Other names of the same flags: TRL's for --block_size, transformers' older one for --dtype
 ALIASES = {"max_seq_length": "block_size", "max_length": "block_size", "torch_dtype": "dtype"}
 # Flags users bring from the Trainer and elsewhere that mean something else here: the sentence they need
 NOT_FLAGS_HERE = {
-    "optim": "the script is the optimizer here: run recipes/<name>.py (adamw, adafactor, grokadamw, lomo, adalomo, "
-             "schedule_free_adamw, schedule_free_sgd, galore, apollo, apollo_mini, adamw_8bit, stable_adamw)",
+    "optim": "the script is the optimizer here: run recipes/<name>.py, one per optimizer (the README's table lists "
+             "them)",
     "lr": "the learning rate is --learning_rate",
     "deepspeed": "DeepSpeed comes from the launch here: accelerate launch --config_file accelerate_configs/zero3.yaml "
                  "(or zero2.yaml, zero3_offload.yaml), or your JSON named in an accelerate config as deepspeed_config: "
@@ -283,25 +242,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def parse_config(recipe: OptimizerRecipe, argv: list[str] | None = None) -> Config:
     """Parse `argv` (and the YAML file given with --config), fill in the recipe's defaults, and validate."""
     argv = _with_aliases_resolved(list(sys.argv[1:] if argv is None else argv))
-    parser = HfArgumentParser(ARGUMENT_CLASSES, description=recipe.description, formatter_class=_HelpFormatter,
+    classes = argument_classes(recipe)
+    knobs = {f.name for f in dataclasses.fields(classes[-1])}
+    parser = HfArgumentParser(classes, description=recipe.description, formatter_class=_HelpFormatter,
                               allow_abbrev=False)
     parser.error = _refuse  # a bad value is one line, not the usage first
     parser.add_argument("--config", default=None, help="YAML file of flag: value pairs; the command line overrides it.")
     for action in parser._actions:  # --help lists the knobs this optimizer reads; the others stay refused if set
-        if action.dest in OPTIMIZER_FLAGS and action.dest not in recipe.reads_flags:
+        if action.dest in knobs and action.dest not in recipe.reads_flags:
             action.help = argparse.SUPPRESS
         elif action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"Turn --{action.dest} off."  # not the positive flag's text again
         elif action.help is None:
             action.help = " "  # listed with its default
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**_read_yaml_flags(known.config))
+    from_file = _read_yaml_flags(known.config, recipe) if known.config else {}
+    parser.set_defaults(**from_file)
     *parts, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     model, data, train, optim = parts[:4]  # parts[4]: the namespace holding --config
     if remaining:
-        raise ConfigError(_unknown_flag_message(remaining))
-    explicitly_set = _optimizer_flags_set(optim)
+        raise ConfigError(_unknown_flag_message(remaining, recipe))
+    explicitly_set = _flags_given(argv, from_file) & knobs
     config = Config(model, data, train, optim, recipe=recipe.name)
     if train.torch_compile_mode is not None:  # TrainingArguments: a compile mode implies compiling
         train.torch_compile = True
@@ -329,7 +290,7 @@ def _with_aliases_resolved(argv: list[str]) -> list[str]:
     return out
 
 
-def _read_yaml_flags(path: str) -> dict:
+def _read_yaml_flags(path: str, recipe) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file; give the path of a YAML file of flag: value pairs")
     with open(path) as f:
@@ -339,26 +300,27 @@ def _read_yaml_flags(path: str) -> dict:
     values = {ALIASES.get(key, key): value for key, value in values.items()}
     if isinstance(values.get("report_to"), list):  # TrainingArguments takes a list of trackers
         values["report_to"] = ",".join(values["report_to"]) or "none"
-    unknown = sorted(set(values) - set(all_flag_names()))
+    unknown = sorted(set(values) - set(all_flag_names(recipe)))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}; the keys are the flag names "
                           "without dashes (see --help)")
     return values
 
 
-def _unknown_flag_message(remaining: list[str]) -> str:
+def _unknown_flag_message(remaining: list[str], recipe) -> str:
     flag = next((r for r in remaining if r.startswith("-")), remaining[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
     if name in NOT_FLAGS_HERE:
         return f"--{name} is not a flag of the recipes: {NOT_FLAGS_HERE[name]}"
-    close = difflib.get_close_matches(name, all_flag_names(), n=1)
+    close = difflib.get_close_matches(name, all_flag_names(recipe), n=1)
     hint = f"did you mean --{close[0]}? " if close else ""
     return f"unknown flag or value {flag!r}; {hint}run with --help to list the flags"
 
 
-def _optimizer_flags_set(optim: OptimizerArguments) -> set[str]:
-    default = OptimizerArguments()
-    return {f.name for f in dataclasses.fields(optim) if getattr(optim, f.name) != getattr(default, f.name)}
+def _flags_given(argv: list[str], from_file: dict) -> set[str]:
+    """The flags named on the command line (--name, --name=value, --name-with-dashes) or in the --config file."""
+    named = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return named | set(from_file)
 
 
 def data_file_builder(dataset_name: str | None) -> str | None:

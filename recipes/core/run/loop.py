@@ -18,18 +18,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-
+from optimizer_recipes.core.memory.check import check_memory
 from optimizer_recipes.core.models import attention
-
+from optimizer_recipes.core.models.sources import check_sources, load_model_config, model_class
+from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.run import torch_compile
 from optimizer_recipes.core.run.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
 from optimizer_recipes.core.run.config import Config, ConfigError, parse_config
-from optimizer_recipes.core.memory.check import check_memory
-from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.run.preemption import INTERRUPTED, PreemptedBeforeTraining, PreemptionRequest
 from optimizer_recipes.core.run.replicas import replicas_identical
 from optimizer_recipes.core.run.run_setup import Run, set_up
-from optimizer_recipes.core.models.sources import check_sources, load_model_config, model_class
 from optimizer_recipes.core.run.token_loss import FullLogitsLoss
 from optimizer_recipes.core.run.torch_compile import compile_summary
 

@@ -20,9 +20,8 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
-
 from optimizer_recipes.core.memory.profile import PeakMemoryMeter
+from tqdm.auto import tqdm
 
 BAR_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "peak_allocated_gib", "peak_rss_gib")
 

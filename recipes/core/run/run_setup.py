@@ -18,25 +18,47 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
-from transformers import get_scheduler
-
-from optimizer_recipes.core.models import attention
-from optimizer_recipes.core.run.accelerate_fixes import keep_fsdp_on_cpu, look_up_lomo_once, refuse_unconnected_processes
-from optimizer_recipes.core.run.checkpoint import TrainerState, checkpoints_in, continue_schedule, load_checkpoint, resume_settings
-from optimizer_recipes.core.run.config import Config, ConfigError, default_block_size, parse_step_window, schedule_kwargs, trackers
 from optimizer_recipes.core.data.loading import build_datasets, load_raw_datasets
-from optimizer_recipes.core.memory.profile import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
-from optimizer_recipes.core.run.metrics import TrainingMetrics, progress_bars_wanted
-from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.data.packing import PaddingCollator
-from optimizer_recipes.core.run.preemption import PreemptionRequest
+from optimizer_recipes.core.memory.profile import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
+from optimizer_recipes.core.models import attention
 from optimizer_recipes.core.models.sources import load_model, load_model_config, load_tokenizer
+from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_note
-from optimizer_recipes.core.run.throughput import (compute_dtype, flops_per_token, mfu_note, peak_flops, peak_flops_source,
-                                     peak_remeasurer)
+from optimizer_recipes.core.run.accelerate_fixes import (
+    keep_fsdp_on_cpu,
+    look_up_lomo_once,
+    refuse_unconnected_processes,
+)
+from optimizer_recipes.core.run.checkpoint import (
+    TrainerState,
+    checkpoints_in,
+    continue_schedule,
+    load_checkpoint,
+    resume_settings,
+)
+from optimizer_recipes.core.run.config import (
+    Config,
+    ConfigError,
+    default_block_size,
+    parse_step_window,
+    schedule_kwargs,
+    trackers,
+)
+from optimizer_recipes.core.run.metrics import TrainingMetrics, progress_bars_wanted
+from optimizer_recipes.core.run.preemption import PreemptionRequest
+from optimizer_recipes.core.run.throughput import (
+    compute_dtype,
+    flops_per_token,
+    mfu_note,
+    peak_flops,
+    peak_flops_source,
+    peak_remeasurer,
+)
 from optimizer_recipes.core.run.token_loss import ChunkedLoss, FullLogitsLoss, build_token_loss
 from optimizer_recipes.core.run.torch_compile import compile_decoder_blocks
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
 
 
 @dataclass

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from optimizer_recipes.core.data.chat_masks import IGNORE_INDEX
 
 CHUNK_LOGITS = 1 << 22  # logits per chunk (positions x vocabulary): 16 MiB in fp32

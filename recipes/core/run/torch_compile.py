@@ -24,7 +24,6 @@ import shutil
 from typing import Optional
 
 import torch
-
 from optimizer_recipes.core.run.config import Config, ConfigError
 
 CPU_COMPILERS = ("g++", "clang++", "c++")  # inductor writes and builds C++ for a CPU
