@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
 from optimizer_recipes.core.models import gguf_source  # noqa: E402
 from optimizer_recipes.core.run.config import ConfigError  # noqa: E402

@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's recipes package
 
 from optimizer_recipes.core.models.gguf_source import (  # noqa: E402
     INSTALL_PACKAGED_MODEL,

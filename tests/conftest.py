@@ -290,8 +290,9 @@ def launch_in_turn(config: str, runs: list[dict], log: Path, env: dict | None = 
     port = ["--main_process_port", str(free_port())] if "num_processes: 1" not in config_file.read_text() else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *port,
            str(REPO / "tests" / "run_in_turn.py"), str(runs_file)]
-    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    importable = {"PYTHONPATH": str(REPO)}  # run_in_turn.py imports the tests package (tests.conftest)
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(**importable, **(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
     log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
 

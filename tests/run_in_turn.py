@@ -1,6 +1,6 @@
 """Several recipe runs in one launch, one after another, for the tests:
 
-    accelerate launch --config_file accelerate_configs/<file> tests/run_in_turn.py RUNS.json
+    PYTHONPATH=. accelerate launch --config_file accelerate_configs/<file> tests/run_in_turn.py RUNS.json
 
 RUNS.json lists the runs, `[{"recipe": "<name>", "args": ["--output_dir", ..., ...]}, ...]`. Each run is what
 `accelerate launch ... recipes/<name>.py <args>` does in these processes (the recipe's own `train` on its parsed
@@ -16,8 +16,6 @@ import json
 import re
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's packages
 
 RUN_MARKER = re.compile(r"=== run (\d+): \S+ ===")
 

@@ -93,8 +93,7 @@ def test_trainer_harness_builds_the_memory_savers_optimizer_as_the_recipe_does(t
 def test_step_time_against_adamw_is_taken_within_each_round():
     # A slower round slows every recipe in it: the ratio is each round's, then their median (0.5 and 0.75 here),
     # not the ratio of the medians (2/3), which would let the drift between rounds in.
-    sys.path.insert(0, str(REPO / "launch"))
-    from benchmark import against_reference
+    from optimizer_recipes.measure.benchmark import against_reference
 
     def run(seconds):
         return {"step_seconds": [seconds], "error": None}
