@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from optimizer_recipes.core.models import gguf_source  # noqa: E402
 from optimizer_recipes.core.run.config import ConfigError  # noqa: E402
 

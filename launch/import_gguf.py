@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from optimizer_recipes.core.models.gguf_source import (  # noqa: E402
     INSTALL_PACKAGED_MODEL,
     check_file,

@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 from filelock import FileLock
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "accelerate_configs"
@@ -85,16 +86,14 @@ def run_here(recipe: str, *args: str, check: bool = True) -> subprocess.Complete
     return proc
 
 
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_losses(output_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
 
 
 def results(output_dir: Path) -> dict:
-    return json.loads((output_dir / "results.json").read_text())
+    found = read_results(output_dir)
+    assert found, f"{output_dir} has no results.json: the run did not finish"
+    return found
 
 
 def reset_accelerate_state() -> None:

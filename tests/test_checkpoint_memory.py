@@ -8,8 +8,8 @@ import json
 import pytest
 from optimizer_recipes.core.data.embedded import train_documents
 from optimizer_recipes.core.memory.check import GIB, PROCESS_BASELINE
-
 from optimizer_recipes.measure.make_model import write_model
+
 from tests.conftest import REPO, launch, results, shared_output
 
 MID_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,

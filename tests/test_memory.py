@@ -38,8 +38,8 @@ def profiled_in_process(out: Path) -> None:
     """What launch/memory_report.py measures on the embedded model (its corpus, flags and estimate), for every recipe,
     each run in-process (`run_here`, MemTracker's tensor breakdown: the same as in a launch of its own); the rows go
     to out/report.json as the tool writes them. The tool itself is run on the medium model."""
-    from optimizer_recipes.measure import memory_report as tool
     from optimizer_recipes.core.memory.estimate import estimate, meta_model
+    from optimizer_recipes.measure import memory_report as tool
 
     settings = argparse.Namespace(model_name_or_path=None, max_steps=3, per_device_train_batch_size=8,
                                   per_device_eval_batch_size=8, block_size=64)

@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
 
 from optimizer_recipes.core.optimizers.protocol import all_recipes, reference_recipe
+from optimizer_recipes.core.run.metrics import read_results
 from optimizer_recipes.measure.results import median_step, round_ratios
 
 RECIPES = {r.name: r for r in all_recipes()}
@@ -198,7 +199,7 @@ def run_recipe(name: str, args, clock: StepClock, output_dir: str) -> dict:
     recipe.for_run = timed_for_run
     main(recipe, argv + ["--profile_memory", "true"])  # MemTracker on step 2 (PROFILED_STEP)
     measured = json.loads((Path(output_dir) / "memory_profile.json").read_text())
-    run = json.loads((Path(output_dir) / "results.json").read_text())  # its peak over training, evaluation, saving
+    run = read_results(output_dir)  # its peak over training, evaluation, saving
     clock.recipe_run_peak = run.get("run_peak_allocated_gib", run.get("run_peak_rss_gib")) * 2**30
     return {"total": measured["peak_bytes"], **measured["at_peak"]}
 

@@ -13,12 +13,12 @@ resident set (VmHWM) on CPU. `--plot` draws the training (and evaluation) loss c
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import yaml
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
 
 COLUMNS = ("run", "recipe", "setup", "steps", "first loss", "last loss", "eval loss", "tokens/s", "peak GiB")
 
@@ -29,8 +29,7 @@ def read_run(folder: Path) -> dict:
         raise SystemExit(f"compare: {folder} is not a run's output folder (no {', '.join(missing)}); give the "
                          "--output_dir of a recipe run")
     config = yaml.safe_load((folder / "run_config.yaml").read_text())
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
+    records, results = read_metrics(folder), read_results(folder)
     return {"folder": folder, "config": config, "records": records, "results": results}
 
 

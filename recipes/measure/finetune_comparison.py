@@ -40,9 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
 
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
 from optimizer_recipes.measure.results import best_runs, bracketed, rank_key, sweep_runs
 
 TRAIN_PHRASINGS = ("What is the capital of {country}?", "Which city is the capital of {country}?",
@@ -150,8 +150,7 @@ def train_run(recipe: str, lr: float, seed: int, flags: list[str], args, task_di
                            "tokens_per_s": None, "wall_s": time.perf_counter() - started, "output_dir": str(out)}
     if proc.returncode != 0:
         raise SystemExit(f"finetune_comparison: {recipe} at lr {lr:g} failed:\n{proc.stderr[-4000:]}")
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    results = json.loads((out / "results.json").read_text())
+    logged, results = read_metrics(out), read_results(out)
     steps = [r for r in logged if "loss" in r and r["step"] > 1]  # the first step warms up
     return identity | {"eval_loss": results["eval_loss"],
             "eval_curve": [(r["step"], r["eval_loss"]) for r in logged if "eval_loss" in r],

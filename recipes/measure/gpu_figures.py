@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
+
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
 
 BF16_AUTOCAST = ["--bf16", "true"]
@@ -81,8 +83,7 @@ def estimated_gib(recipe_name: str, model: Path, flags: list[str], batch: int, b
 
 
 def measured(out: Path) -> dict:
-    results = json.loads((out / "results.json").read_text())
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    results, steps = read_results(out), read_metrics(out)
     timed = [r for r in steps if "seconds_per_step" in r][WARMUP_STEPS:]
     median = (lambda key: statistics.median(r[key] for r in timed)) if timed else (lambda key: None)
     return {"seconds_per_step": median("seconds_per_step"), "tokens_per_s": median("tokens_per_s"),
@@ -137,7 +138,6 @@ def main(argv=None) -> None:
     import torch
     import transformers
     from optimizer_recipes.core.run.throughput import hardware
-
     from optimizer_recipes.measure.make_model import write_model
 
     work, report_dir = Path(args.work_dir), Path(args.output_dir)

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from optimizer_recipes.core.run.metrics import read_results
+
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
 OPERATIONS = {"+": lambda a, b, p: (a + b) % p, "-": lambda a, b, p: (a - b) % p, "*": lambda a, b, p: (a * b) % p}
 
@@ -237,7 +239,7 @@ def parse_args(argv=None):
 
 def replot(out: Path, args) -> None:
     """accuracy.png from a finished comparison's results.json (its settings and every run's curves)."""
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out)
     for key in ("p", "operation", "train_fraction", "target"):
         setattr(args, key, results["settings"][key])
     names = list(dict.fromkeys(r["setting"] for r in results["runs"]))

@@ -30,12 +30,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-
 from optimizer_recipes.core.data.embedded import generate_corpus, write_scaled_model
 from optimizer_recipes.core.memory.estimate import estimate, meta_model
 from optimizer_recipes.core.memory.profile import CATEGORIES
 from optimizer_recipes.core.optimizers.protocol import all_recipes, reference_recipe
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
 from optimizer_recipes.core.run.throughput import hardware
 
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
@@ -79,8 +78,7 @@ def run_recipe(name: str, loss: str, args, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
     profile = json.loads((out / "memory_profile.json").read_text())
-    results = json.loads((out / "results.json").read_text())
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    results, logged = read_results(out), read_metrics(out)
     steps = [r["seconds_per_step"] for r in logged if "seconds_per_step" in r and r["step"] > 2]  # after the
     return {"measured": profile, "run": {k: v for k, v in results.items() if k.startswith("run_peak")},  # profiled
             "seconds_per_step": statistics.median(steps) if steps else None}

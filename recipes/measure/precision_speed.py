@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
 
 from optimizer_recipes.core.optimizers.protocol import reference_recipe
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
 
 PRECISIONS = {"fp32": [], "bf16 autocast": ["--bf16", "true"],
               "bf16 weights rounded stochastically": ["--dtype", "bfloat16"],
@@ -39,10 +40,10 @@ def one_run(args, flags: list[str], out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"precision_speed: {' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     steps = [r["seconds_per_step"] for r in records if "seconds_per_step" in r][args.warmup:]
     return {"seconds_per_step": statistics.median(steps),
-            "eval_loss": json.loads((out / "results.json").read_text())["eval_loss"]}
+            "eval_loss": read_results(out)["eval_loss"]}
 
 
 def main(argv=None) -> None:

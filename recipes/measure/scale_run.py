@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from optimizer_recipes.core.run.metrics import read_metrics, read_results
+
 REPO = Path(__file__).resolve().parents[2]  # the repository (recipes/measure/<this>.py)
 
 PHASES = ("loading", "training", "evaluation", "saving")
@@ -87,8 +89,7 @@ def run(command: list[str], log: Path) -> float:
 
 def measured(out: Path, wall_s: float, after_step: int) -> dict:
     """The run's figures; its steps are those after `after_step` (a resumed run appends to metrics.jsonl)."""
-    results = json.loads((out / "results.json").read_text())
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    results, steps = read_results(out), read_metrics(out)
     timed = [r for r in steps if "seconds_per_step" in r and r["step"] > after_step]
     later = timed[1:] or timed  # the first step of a process is its warm-up
     return {"phases_gib": {p: results.get(f"phase_peak_{p}_gib") for p in PHASES},

@@ -25,6 +25,7 @@ from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.run import torch_compile
 from optimizer_recipes.core.run.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
 from optimizer_recipes.core.run.config import Config, ConfigError, parse_config
+from optimizer_recipes.core.run.metrics import RESULTS_FILE
 from optimizer_recipes.core.run.preemption import INTERRUPTED, PreemptedBeforeTraining, PreemptionRequest
 from optimizer_recipes.core.run.replicas import replicas_identical
 from optimizer_recipes.core.run.run_setup import Run, set_up
@@ -301,7 +302,7 @@ def finish(run: Run) -> dict:
     metrics.write(results)
     metrics.close()
     if accelerator.is_main_process:
-        write_json(run.output_dir / "results.json", results)
+        write_json(run.output_dir / RESULTS_FILE, results)
     accelerator.print(f"{recipe.name}: saved the model to {run.output_dir} (AutoModelForCausalLM.from_pretrained "
                       f"loads it; results.json, metrics.jsonl and run_config.yaml beside it)")
     accelerator.end_training()

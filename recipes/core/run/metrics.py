@@ -26,6 +26,22 @@ from tqdm.auto import tqdm
 BAR_FIELDS = ("loss", "lr", "tokens_per_s", "mfu", "peak_allocated_gib", "peak_rss_gib")
 
 
+METRICS_FILE = "metrics.jsonl"  # one record per log point, evaluation and the end (TrainingMetrics writes it)
+RESULTS_FILE = "results.json"  # the run's final figures (the loop writes it at the end)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    """A run's metrics.jsonl: its records in order (a resumed run appends to the same file)."""
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_results(output_dir) -> dict:
+    """A run's results.json, or {} where the run has not finished."""
+    path = Path(output_dir) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class TrainingMetrics:
     def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int, first_step: int = 0,
                  tokens_seen: tuple[int, int] = (0, 0), loss_since_evaluation: list | None = None,
@@ -41,7 +57,7 @@ class TrainingMetrics:
         self.is_main = accelerator.is_main_process
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not (self.is_main and progress_bar),
                         desc="training", dynamic_ncols=True)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a" if first_step else "w") if self.is_main else None
+        self.jsonl = open(output_dir / METRICS_FILE, "a" if first_step else "w") if self.is_main else None
         self.total_steps = total_steps
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
