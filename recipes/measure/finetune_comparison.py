@@ -286,7 +286,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--model_name_or_path", help="a model folder or .gguf file (required unless --replot)")
     parser.add_argument("--runs_dir", default=None, help="where each run's folder goes; default output_dir/runs")
-    parser.add_argument("--recipes", default=",".join(r.name for r in all_recipes()))
+    parser.add_argument("--recipes", default=",".join(r.name for r in all_recipes()),
+                        help="comma-separated; default: every recipe (%(default)s)")
     parser.add_argument("--lr_factors", default="0.3333,1,3", help="first learning rates: the default times these")
     parser.add_argument("--lr_step", type=float, default=3.0, help="factor between a sweep's end and the next lr")
     parser.add_argument("--max_points", type=int, default=5, help="most learning rates a recipe's sweep tries")
