@@ -1,10 +1,9 @@
 """Adafactor (transformers.optimization.Adafactor) with an external learning rate, as the Transformers Trainer uses it.
 
 Factored second moments: state is a row and a column vector per matrix, not a full-size tensor.
-Learning rate: --learning_rate, else 6e-5 with --model_name_or_path (the best of 6.7e-6, 2e-5, 6e-5 fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune: 60% held-out accuracy, 4% at the previous 2e-5; the sweep
-extended to its cap, 5.4e-4, reached 100% / 98% on two seeds; the relative step is off, so the lr is absolute), else
-3e-3 for the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 6e-5 with --model_name_or_path (chosen from the comparison's first sweep; the relative
+step is off, so the lr is absolute), else 3e-3 for the embedded tiny model trained from scratch. How each lr fares:
+docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only.
 Refuses: DeepSpeed ZeRO (its flat partitions have no rows and columns to factor) and FSDP (its sharded matrices

@@ -4,10 +4,8 @@ The update is scaled by each parameter's RMS, so lr is relative (authors: 1e-3 o
 Built as LinearTimeAdaLomo (recipes/core/fused_backward/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per
 parameter (lomo-optim's hooks each scan every parameter), with its state on the model's device (lomo-optim 0.1.1
 puts it on CUDA unconditionally, which fails on CPU) and in the checkpoint.
-Learning rate: --learning_rate, else 5e-4 with --model_name_or_path (the AdaLomo authors recommend 1e-3 or 5e-4;
-fine-tuning SmolLM2-135M-Instruct for 30 steps, docs/finetune, it reached 71% held-out accuracy, and 1.5e-3, the
-best of 1.7e-4 to 4.5e-3, 100% / 98% on two seeds),
-else 1e-1 for the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 5e-4 with --model_name_or_path (the AdaLomo authors recommend 1e-3 or 5e-4),
+else 1e-1 for the embedded tiny model trained from scratch. How each lr fares: docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --loss_scale (static, default
 1024; lower it if losses go NaN), --max_grad_norm (a second backward pass, so off by default), gradient
 checkpointing, --bf16.

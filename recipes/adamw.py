@@ -1,9 +1,8 @@
 """AdamW (torch.optim.AdamW): the baseline every other recipe is measured against.
 
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (TRL's SFTConfig default for full fine-tuning;
-fine-tuning SmolLM2-135M-Instruct for 30 steps, docs/finetune, it reached 2% held-out accuracy, and 5.4e-4, the
-sweep's cap, 100% / 88% on two seeds: short runs on small models want more), else 1e-3 for the embedded tiny model
-trained from scratch.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (TRL's SFTConfig default for full fine-tuning),
+else 1e-3 for the embedded tiny model trained from scratch. How each lr fares (short runs on small models want
+more): docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm clipping (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
 Refuses: nothing. Memory: parameters + gradients + 2 fp32 moments per parameter.

@@ -5,9 +5,8 @@ tensors under 4096 elements and the input embedding keep 32-bit moments (the Tra
 optim="adamw_bnb_8bit": bitsandbytes recommends 32-bit state for embeddings). Chosen over torchao's AdamW8bit:
 bitsandbytes 0.50 runs the same blockwise update on a CPU and a GPU without torch.compile (torchao compiles its
 step, which needs a C++ toolchain on a CPU), and its quantized state round-trips a checkpoint exactly.
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's; fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 5.4e-4, the sweep's cap: 100% /
-79% held-out accuracy on two seeds), else 1e-3 for the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
+embedded tiny model trained from scratch. How each lr fares: docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon, DDP.
 Refuses: DeepSpeed ZeRO (measured: it runs, but on one flat partition per parameter group the 256-element blocks

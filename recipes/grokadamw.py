@@ -1,8 +1,7 @@
 """GrokAdamW (grokadamw.GrokAdamW): AdamW plus an EMA of gradients, amplified by lamb, for slow-varying gradients.
 
-Learning rate: --learning_rate, else 6e-5 with --model_name_or_path (the best of 6.7e-6 to 1.8e-4 fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune: 98% / 96% held-out accuracy on two seeds, 52% at the previous
-2e-5), else 1e-3 for the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 6e-5 with --model_name_or_path (chosen from the comparison's sweep), else 1e-3
+for the embedded tiny model trained from scratch. How each lr fares: docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0; GrokAdamW
 also clips each tensor to norm 1.0 itself), --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon,
 --grokadamw_alpha_init, --grokadamw_lamb, --grokadamw_gamma (per-position momentum decay).

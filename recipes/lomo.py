@@ -5,10 +5,9 @@ Each parameter is updated by a hook as its gradient arrives, at the scheduled lr
 (recipes/core/fused_backward/lomo_updates.py): lomo-optim's update, bit for bit, in one hook per parameter (lomo-optim's hooks
 each scan every parameter, a cost that grows with the square of the tensor count), 16-bit weights upcast in chunks.
 Learning rate: --learning_rate, else 1e-2 with --model_name_or_path (a third of the LOMO authors' 3e-2
-(config/args_lomo.yaml), which they pair with clip_grad_norm 1.0, off here by default; fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune, 1e-2 had the lowest eval loss of 3.3e-3, 1e-2, 3e-2; 3e-2 drove
-it up to 7.3, 3e-2 with clipping 1.0 to 1.48, and no lr taught the held-out facts), else 0.5 for the embedded tiny
-model trained from scratch.
+(config/args_lomo.yaml), which they pair with clip_grad_norm 1.0, off here by default; chosen from the comparison's
+sweep, which also runs the authors' setting), else 0.5 for the embedded tiny model trained from scratch. How each lr
+fares: docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --max_grad_norm (LOMO's
 clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
 Works under DDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3

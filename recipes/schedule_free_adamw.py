@@ -2,10 +2,9 @@
 
 Weights are y while training and x (the average) when evaluated or saved: the loop calls eval() before every
 evaluation and save, so the saved model is x, and train() before training resumes.
-Learning rate: --learning_rate, else 1.5e-4 with --model_name_or_path (the best of 1.7e-5, 5e-5, 1.5e-4 fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune: 85% held-out accuracy, 52% at the previous 5e-5; extended, the
-sweep's best was 4.5e-4, 100% on both seeds; schedule-free takes larger lrs than scheduled AdamW), else 2.5e-3 for
-the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 1.5e-4 with --model_name_or_path (chosen from the comparison's first sweep;
+schedule-free takes larger lrs than scheduled AdamW), else 2.5e-3 for the embedded tiny model trained from scratch.
+How each lr fares: docs/finetune/report.md.
 Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --adam_beta1/--adam_beta2/--adam_epsilon.
 Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is

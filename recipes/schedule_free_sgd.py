@@ -2,10 +2,8 @@
 
 Weights are y while training and x (the average) when evaluated or saved: the loop calls eval() before every
 evaluation and save, so the saved model is x, and train() before training resumes.
-Learning rate: --learning_rate, else 3e-2 with --model_name_or_path (what LOMO's authors use for plain SGD, and the
-lowest eval loss of 3.3e-3, 1e-2, 3e-2 fine-tuning SmolLM2-135M-Instruct for 30 steps, docs/finetune, where no lr
-taught the held-out facts in 30 steps; extended to its cap, 0.27, it reached 40% / 42% on two seeds), else 1.0 for
-the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 3e-2 with --model_name_or_path (what LOMO's authors use for plain SGD), else
+1.0 for the embedded tiny model trained from scratch. How each lr fares: docs/finetune/report.md.
 Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --sgd_momentum.
 Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is

@@ -6,9 +6,8 @@ to clip as well). Weight decay is decoupled and scaled by the lr, as torch AdamW
 epsilon are the TrainingArguments flags (0.9, 0.999, 1e-8), as the Transformers Trainer passes them for
 optim="stable_adamw". With 16-bit weights and no fp32 master copy (--dtype bfloat16 without --bf16), optimi adds
 Kahan summation (one more 16-bit buffer per parameter) so small updates are not rounded away.
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's; fine-tuning
-SmolLM2-135M-Instruct for 30 steps, docs/finetune, the best of 6.7e-6 to 5.4e-4 was 1.8e-4: 92% / 85% held-out
-accuracy on two seeds, 46% at 5.4e-4), else 1e-3 for the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the adamw recipe's), else 1e-3 for the
+embedded tiny model trained from scratch. How each lr fares: docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm, --weight_decay on
 matrices only, --adam_beta1/--adam_beta2/--adam_epsilon, DDP and FSDP2.
 Refuses: DeepSpeed ZeRO (its flat partitions would clip one partition of many tensors, not each tensor).

@@ -208,6 +208,33 @@ def compatibility(in_backward: bool) -> Callable[[], str]:
     return table
 
 
+def suite_time() -> str:
+    """README: how long the test command takes, and the quick tier (docs/tests/*.json, launch/suite_time.py)."""
+    lines = []
+    for name, what in (("suite", "The test command"), ("smoke", "The quick tier")):
+        record = results.read_report_file(REPO / "docs" / "tests" / f"{name}.json")
+        if record is None:
+            lines.append(f"{what}: not timed yet (`python launch/suite_time.py{' -m smoke' if name == 'smoke' else ''}`).")
+            continue
+        minutes, seconds = divmod(round(record["wall_s"]), 60)
+        lines.append(f"{what}: {record['passed']} tests in {minutes} min {seconds} s on {record['hardware']}, "
+                     f"{record['date']} (`python launch/suite_time.py{' -m smoke' if name == 'smoke' else ''}` "
+                     "reruns and rewrites this).")
+    return "\n".join(lines) + "\n"
+
+
+def suite_durations() -> str:
+    """docs/tests.md: where the suite's time goes, by test file."""
+    record = results.read_report_file(REPO / "docs" / "tests" / "suite.json")
+    if record is None:
+        return "Not timed yet: `python launch/suite_time.py`.\n"
+    lines = [f"{record['passed']} tests in {record['wall_s'] / 60:.1f} min of wall time on {record['hardware']}, "
+             f"{record['date']}; {record['test_s']:,.0f} s of test time, by file:", "", "| file | seconds |",
+             "|---|---:|"]
+    lines += [f"| `{name}` | {seconds:,.0f} |" for name, seconds in record["per_file_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class Block:
     file: str
@@ -219,6 +246,8 @@ BLOCKS = {
     "comparison": Block("README.md", comparison),
     "llama-7b": Block("README.md", seven_b_table(SEVEN_B[0])),
     "llama-7b in backward": Block("README.md", seven_b_table(SEVEN_B[1])),
+    "suite time": Block("README.md", suite_time),
+    "suite durations": Block("docs/tests.md", suite_durations),
     "compatibility": Block("README.md", compatibility(in_backward=False)),
     "in-backward compatibility": Block("README.md", compatibility(in_backward=True)),
 }

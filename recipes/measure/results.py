@@ -1,6 +1,8 @@
 """Readers of the results files the measurement commands write, beside nothing else: the fine-tuning comparison's
 results.json (launch/finetune_comparison.py), a benchmark's benchmark.json (launch/benchmark.py), a 7B run's
-report.json (launch/scale_run.py) and a memory report's report.json (launch/memory_report.py)."""
+report.json (launch/scale_run.py), a memory report's report.json (launch/memory_report.py) and the suite's timing
+(launch/suite_time.py). A run's own metrics.jsonl and results.json are read beside their writer,
+recipes/core/run/metrics.py."""
 
 from __future__ import annotations
 
@@ -79,5 +81,9 @@ def read_benchmark_rounds(folder: Path) -> list[dict]:
 
 def read_report(folder: Path) -> dict | None:
     """A report.json (scale_run's or memory_report's), or None where the command has not written one."""
-    path = Path(folder) / "report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_report_file(Path(folder) / "report.json")
+
+
+def read_report_file(path: Path) -> dict | None:
+    """A results file a command writes whole (a report.json, the suite's timing), or None where it has not."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
