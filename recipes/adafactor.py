@@ -17,6 +17,7 @@ from optimizer_recipes.core.optimizers.protocol import (
     decay_parameter_groups,
     factored_numel,
     refuse_flattened_partitions,
+    refuse_sharded_tensors,
 )
 from optimizer_recipes.core.run.loop import main
 from transformers.optimization import Adafactor
@@ -30,11 +31,10 @@ class AdafactorRecipe(OptimizerRecipe):
     fine_tuning_learning_rate = 6e-5  # with --model_name_or_path: see the docstring
 
     def refuse(self, config):
-        if config.launch.kind == "fsdp":
-            return ("adafactor under FSDP is not supported: each process holds a shard of every matrix (a DTensor "
-                    "under FSDP2), and transformers' Adafactor builds its row and column moments as plain tensors, "
-                    "so its first step fails; use accelerate_configs/multi_gpu.yaml")
-        return refuse_flattened_partitions(
+        return refuse_sharded_tensors(
+            self, config, "each process holds a shard of every matrix (a DTensor under FSDP2), and transformers' "
+            "Adafactor builds its row and column moments as plain tensors, so its first step fails") or \
+            refuse_flattened_partitions(
             self, config, "Adafactor factors the second moment of each matrix into a row and a column",
             instead="multi_gpu.yaml")
 

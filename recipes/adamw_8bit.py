@@ -25,6 +25,7 @@ from optimizer_recipes.core.optimizers.protocol import (
     numel,
     parameter_roles,
     refuse_flattened_partitions,
+    refuse_sharded_tensors,
 )
 from optimizer_recipes.core.run.loop import main
 
@@ -43,11 +44,9 @@ class AdamW8bitRecipe(OptimizerRecipe):
     requires = ("bitsandbytes", '-e ".[bnb]" (or: pip install bitsandbytes)')
 
     def refuse(self, config):
-        if config.launch.kind == "fsdp":
-            return ("adamw_8bit under FSDP is not supported: each process holds a DTensor shard of every "
-                    "parameter, and bitsandbytes' 8-bit update takes plain tensors; use "
-                    "accelerate_configs/multi_gpu.yaml")
-        return refuse_flattened_partitions(
+        return refuse_sharded_tensors(
+            self, config, "each process holds a DTensor shard of every parameter, and bitsandbytes' 8-bit update "
+            "takes plain tensors") or refuse_flattened_partitions(
             self, config, "bitsandbytes would quantize blocks that span tensors and give tensors under 4096 "
             "elements 8-bit moments", instead="multi_gpu.yaml")
 

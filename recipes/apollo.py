@@ -30,6 +30,7 @@ project: pip install -e ".[apollo]".
 from dataclasses import dataclass, field
 
 from optimizer_recipes.core.low_rank.recipe import LowRankKnobs, LowRankRecipe
+from optimizer_recipes.core.optimizers.protocol import refuse_sharded_tensors
 from optimizer_recipes.core.run.loop import main
 
 
@@ -77,11 +78,10 @@ class ApolloRecipe(LowRankRecipe):
         for flag in ("apollo_rank", "apollo_update_interval"):
             if getattr(o, flag) < 1:
                 return f"--{flag} must be at least 1, got {getattr(o, flag)}"
-        if config.launch.kind == "fsdp":
-            return (f"{self.name} under FSDP is not supported: apollo-torch records each parameter's projection seed "
-                    "when the optimizer is built, and FSDP2 then replaces the parameters with their DTensor shards, "
-                    "so the first step fails (KeyError: 'seed'); use accelerate_configs/multi_gpu.yaml")
-        return super().refuse(config)
+        return refuse_sharded_tensors(
+            self, config, "apollo-torch records each parameter's projection seed when the optimizer is built, and "
+            "FSDP2 then replaces the parameters with their DTensor shards, so the first step fails (KeyError: "
+            "'seed')") or super().refuse(config)
 
     def projection(self, config):
         o = config.optim

@@ -27,6 +27,7 @@ projector as an object that a resume (torch.load with weights_only=True) refuses
 from dataclasses import dataclass, field
 
 from optimizer_recipes.core.low_rank.recipe import LowRankKnobs, LowRankRecipe
+from optimizer_recipes.core.optimizers.protocol import refuse_sharded_tensors
 from optimizer_recipes.core.run.loop import main
 
 
@@ -67,12 +68,10 @@ class GaLoreRecipe(LowRankRecipe):
         for flag in ("galore_rank", "galore_update_interval"):
             if getattr(o, flag) < 1:
                 return f"--{flag} must be at least 1, got {getattr(o, flag)}"
-        if config.launch.kind == "fsdp":
-            return (f"{self.name} under FSDP is not supported: its checkpoints do not resume exactly (the projectors and "
-                    "projected moments come back from torch's distributed checkpoint sharded like the weights; "
-                    "measured on 2 processes: the resumed losses 3e-4 away from the uninterrupted run's); use "
-                    "accelerate_configs/multi_gpu.yaml")
-        return super().refuse(config)
+        return refuse_sharded_tensors(
+            self, config, "its checkpoints do not resume exactly (the projectors and projected moments come back "
+            "from torch's distributed checkpoint sharded like the weights; measured on 2 processes: the resumed "
+            "losses 3e-4 away from the uninterrupted run's)") or super().refuse(config)
 
     def projection(self, config):
         o = config.optim

@@ -49,7 +49,7 @@ class AdaLomoOnModelDevice(AdaLomo):
     backward path still applies.
 
     Its second moments and step count are plain attributes, outside `state_dict()`, so a resume would restart them;
-    here they travel in the state dict (under "adalomo", keyed by parameter name).
+    here they travel in the state dict (under "second_moments", keyed by parameter name).
     """
 
     def __init__(self, model: torch.nn.Module, *args, **kwargs):
@@ -58,13 +58,13 @@ class AdaLomoOnModelDevice(AdaLomo):
             super().__init__(model, *args, **kwargs)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "adalomo": {
+        return {**super().state_dict(), "second_moments": {
             "step_num": self.step_num, "exp_avg_sq": self.exp_avg_sq, "exp_avg_sq_row": self.exp_avg_sq_row,
             "exp_avg_sq_col": self.exp_avg_sq_col}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("adalomo")
+        extra = state_dict.pop("second_moments")
         super().load_state_dict(state_dict)
         self.step_num = extra["step_num"]
         for name in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from lomo_optim import Lomo
 from optimizer_recipes.core.fused_backward.lomo_fixes import AdaLomoOnModelDevice
+from optimizer_recipes.core.models.zero3_parameters import full_numel, full_shape, local_tensor
 
 UPDATE_CHUNK = 1 << 24  # elements of a 16-bit LOMO update upcast at once: 64 MiB per fp32 temporary
 
@@ -96,9 +97,10 @@ class _UpdateEachParameterWhenReady:
     def _partition(p: torch.nn.Parameter, full: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of a ZeRO-3 parameter's full tensor (flattened), and the part of `p.ds_tensor` it
         updates (the last rank's partition is padded)."""
-        start = p.ds_tensor.numel() * rank
-        end = min(start + p.ds_tensor.numel(), full.numel())
-        return full.reshape(-1).narrow(0, start, end - start), p.ds_tensor.narrow(0, 0, end - start)
+        partition = local_tensor(p)
+        start = partition.numel() * rank
+        end = min(start + partition.numel(), full.numel())
+        return full.reshape(-1).narrow(0, start, end - start), partition.narrow(0, 0, end - start)
 
 
 class LinearTimeLomo(_UpdateEachParameterWhenReady, Lomo):
@@ -162,7 +164,7 @@ class LinearTimeAdaLomo(_UpdateEachParameterWhenReady, AdaLomoOnModelDevice):
         decay_rate = -self.decay_rate if self.step_num == 0 and self.decay_rate < 0 else self.decay_rate
         beta2t = 1.0 - math.pow(self.step_num, decay_rate)
         update = grad_fp32.square().add_(self.eps[0])
-        if len(p.ds_shape if self.zero3_enabled else p.data.shape) > 1:
+        if len(full_shape(p)) > 1:
             self.exp_avg_sq_row[name].mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
             self.exp_avg_sq_col[name].mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
             del update
@@ -179,7 +181,7 @@ class LinearTimeAdaLomo(_UpdateEachParameterWhenReady, AdaLomoOnModelDevice):
             weights_fp32 = partition.to(torch.float32)
             p_rms = torch.norm(weights_fp32, 2.0) ** 2
             dist.all_reduce(p_rms, op=dist.ReduceOp.SUM)
-            p_rms = (p_rms / p.ds_numel).sqrt()
+            p_rms = (p_rms / full_numel(p)).sqrt()
         else:
             weights_fp32 = p.data.to(torch.float32)
             p_rms = torch.norm(weights_fp32, 2.0) / math.sqrt(p.numel())

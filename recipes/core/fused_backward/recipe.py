@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from optimizer_recipes.core.fused_backward import engine_free_zero3
 from optimizer_recipes.core.fused_backward.lomo_fixes import average_gradients_across_processes
-from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, largest_numel
+from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe, largest_numel, refuse_sharded_tensors
 from optimizer_recipes.core.optimizers.wrappers import unwrap_optimizer
 from optimizer_recipes.core.per_tensor.stochastic_rounding import CHUNK as ROUNDING_CHUNK
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_noise
@@ -86,11 +86,13 @@ class FusedBackwardRecipe(OptimizerRecipe):
             return (f"{self.name} cannot clip by global norm (--max_grad_norm {config.train.max_grad_norm}) under "
                     f"{launch.describe()}: its norm pass frees each layer's gathered parameters, which the update "
                     "pass needs again; use --max_grad_norm 0 with --clip_grad_value, or multi_gpu.yaml")
-        if launch.kind == "fsdp":
-            return (f"{self.name} under FSDP is not supported: FSDP replaces each parameter with its shard when it "
-                    "wraps the model and reduce-scatters gradients in its own post-backward hooks, so the fused "
-                    "update's per-parameter gradient hooks never run (the weights would not change); use "
-                    "accelerate_configs/zero3.yaml (partitioned parameters, LOMO's own setting) or multi_gpu.yaml")
+        sharded = refuse_sharded_tensors(
+            self, config, "FSDP replaces each parameter with its shard when it wraps the model and reduce-scatters "
+            "gradients in its own post-backward hooks, so the fused update's per-parameter gradient hooks never run "
+            "(the weights would not change)", instead="zero3.yaml (partitioned parameters, LOMO's own setting) or "
+            "multi_gpu.yaml")
+        if sharded:
+            return sharded
         if launch.mixed_precision == "fp16":
             return (f"{self.name} cannot run with fp16 mixed precision: accelerate's GradScaler backward does not "
                     "pass the learning rate to the fused update; use bf16 (--bf16 true) or no mixed precision")

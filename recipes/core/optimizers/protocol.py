@@ -21,6 +21,7 @@ import typing
 from typing import TYPE_CHECKING, Optional
 
 import torch
+from optimizer_recipes.core.models.zero3_parameters import full_shape
 from optimizer_recipes.core.per_tensor.steps import StepsEachTensor
 from optimizer_recipes.core.per_tensor.stochastic_rounding import CHUNK as ROUNDING_CHUNK
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_noise
@@ -131,7 +132,7 @@ def parameter_roles(model: torch.nn.Module) -> list[str]:
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, not on biases and norm weights (the Transformers Trainer's convention)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]  # ZeRO-3 partitions at construction
+    is_matrix = [len(full_shape(p)) >= 2 for p in params]  # ZeRO-3 partitions at construction
     groups = [{"params": [p for p, m in zip(params, is_matrix) if m], "weight_decay": weight_decay},
               {"params": [p for p, m in zip(params, is_matrix) if not m], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -289,6 +290,14 @@ class OptimizerRecipe:
 
     def eval_mode(self, optimizer) -> None:
         """Called before evaluating or saving: the weights must be the ones to evaluate and keep."""
+
+
+def refuse_sharded_tensors(recipe: OptimizerRecipe, config: Config, why: str,
+                           instead: str = "multi_gpu.yaml") -> Optional[str]:
+    """For optimizers that cannot step a shard: FSDP2 hands them each parameter as this process's DTensor shard."""
+    if config.launch.kind == "fsdp":
+        return f"{recipe.name} under FSDP is not supported: {why}; use accelerate_configs/{instead}"
+    return None
 
 
 def refuse_flattened_partitions(recipe: OptimizerRecipe, config: Config, per_tensor_math: str,

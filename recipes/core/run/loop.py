@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from optimizer_recipes.core.memory.check import check_memory
 from optimizer_recipes.core.models import attention
 from optimizer_recipes.core.models.sources import check_sources, load_model_config, model_class
+from optimizer_recipes.core.models.zero3_parameters import local_tensor
 from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.run import torch_compile
 from optimizer_recipes.core.run.checkpoint import check_run_folder, checkpoints_in, save_checkpoint
@@ -245,7 +246,7 @@ def stop_if_nonfinite(run: Run, check_weights: bool) -> None:
     bad_step = int(accelerator.reduce(run.first_bad_step.clone(), reduction="max").item())
     weights_bad = 0.0
     if check_weights:
-        local = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in run.model.parameters())
+        local = any(not torch.isfinite(local_tensor(p)).all() for p in run.model.parameters())
         weights_bad = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum").item()
     if bad_step or weights_bad:
         found = checkpoints_in(run.output_dir)

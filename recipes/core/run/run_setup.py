@@ -23,6 +23,7 @@ from optimizer_recipes.core.data.packing import PaddingCollator
 from optimizer_recipes.core.memory.profile import CudaMemoryHistory, MemoryProfile, PeakMemoryMeter
 from optimizer_recipes.core.models import attention
 from optimizer_recipes.core.models.sources import load_model, load_model_config, load_tokenizer
+from optimizer_recipes.core.models.zero3_parameters import full_numel
 from optimizer_recipes.core.optimizers.protocol import OptimizerRecipe
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_note
 from optimizer_recipes.core.run.accelerate_fixes import (
@@ -124,7 +125,7 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
         loss_note += f"\n{note}" if note else ""
     embedding = model.get_input_embeddings().weight
     training_flops_per_token = flops_per_token(model.config, parameter_count(model),
-                                               getattr(embedding, "ds_numel", embedding.numel()), block_size)
+                                               full_numel(embedding), block_size)
     matmul_dtype = compute_dtype(accelerator.mixed_precision, model)  # what the CPU's MFU is measured against
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=recipe.scheduler_warmup_steps(config),
                               num_training_steps=total_steps, scheduler_specific_kwargs=schedule_kwargs(t))
@@ -208,7 +209,7 @@ def build_accelerator(config: Config, recipe: OptimizerRecipe) -> Accelerator:
 
 
 def parameter_count(model) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: whole sizes
+    return sum(full_numel(p) for p in model.parameters())  # ZeRO-3 partitions: whole sizes
 
 
 def check_packed_examples_stay_apart(model, rows) -> None:
