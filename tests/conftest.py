@@ -297,6 +297,17 @@ def launch_in_turn(config: str, runs: list[dict], log: Path, env: dict | None = 
 
 
 
+def assert_identical_weights(a: Path, b: Path) -> None:
+    """Two saved models hold the same weights, bit for bit (a resume, one tensor at a time against all at once)."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs"
+
+
 def assert_same_weights(out: Path, reference: Path, tolerance: float = 1e-4) -> None:
     """Two saved models hold the same weights: every tensor within `tolerance` of its norm (per tensor, not per
     element: Adam-type steps amplify rounding on entries whose second moment is ~0)."""

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tests.conftest import (
     CONFIGS,
     REPO,
+    assert_identical_weights,
     assert_shared_launch_ran,
     cpu_env,
     free_port,
@@ -42,13 +43,6 @@ def losses_by_step(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
-
-
 @pytest.mark.parametrize("recipe", smoke(recipe_names(), "adamw"))
 def test_resume_is_bit_exact(recipe, tmp_path, one_process_runs):
     """The shared 1-process run (`run_flags`: 14 steps of 32 sequences, 9 an epoch, a checkpoint at step 7) against
@@ -68,7 +62,7 @@ def test_resume_is_bit_exact(recipe, tmp_path, one_process_runs):
     full, rest = losses_by_step(straight), losses_by_step(resumed)
     assert sorted(rest) == list(range(8, 15))
     assert [rest[s] for s in rest] == [full[s] for s in rest]
-    assert_same_weights(straight, resumed)
+    assert_identical_weights(straight, resumed)
 
 
 def test_adalomo_and_grokadamw_state_is_in_the_checkpoint(tmp_path):
@@ -116,7 +110,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(t
     assert f"resuming at step 4 from {out / 'checkpoint-4'}" in resumed.stdout
     run_here("adamw", *args, "--output_dir", str(straight))
     assert losses_by_step(out)[12] == losses_by_step(straight)[12]
-    assert_same_weights(out, straight)
+    assert_identical_weights(out, straight)
     # the resumed run wrote step 8 afresh: the killed save's partial folder is gone, its marker never promoted
     assert (out / "checkpoint-8" / "trainer_state.json").is_file() and not partial.exists()
     assert not (out / "checkpoint-8" / ".save-in-progress").exists()
@@ -183,7 +177,7 @@ def test_ctrl_c_under_a_two_process_launch_checkpoints_exits_130_and_resumes_exa
     straight = runs["adamw"][0]
     assert results(out)["num_processes"] == 2
     assert losses_by_step(out)[14] == losses_by_step(straight)[14]
-    assert_same_weights(out, straight)
+    assert_identical_weights(out, straight)
 
 
 def signal_while_loading(out: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -285,7 +279,7 @@ def test_auto_starts_fresh_without_a_checkpoint_and_resumes_the_newest_with_one(
     assert f"resuming at step 3 from {requeued / 'checkpoint-3'}" in proc.stdout
     full, rest = losses_by_step(first), losses_by_step(requeued)
     assert sorted(rest) == [4, 5, 6] and [rest[s] for s in rest] == [full[s] for s in rest]
-    assert_same_weights(first, requeued)
+    assert_identical_weights(first, requeued)
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path):

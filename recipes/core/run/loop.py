@@ -92,17 +92,7 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
         output_dir = Path(config.train.output_dir)
         there_before = set(output_dir.iterdir()) if output_dir.is_dir() else None
         try:
-            problem = attention.machine_problem(config) or torch_compile.problem(config)  # this machine can run them
-            if problem:
-                raise ConfigError(problem)
-            resume_from = check_run_folder(config)  # nothing trained is overwritten; the checkpoint to resume
-            check_sources(config)  # model, tokenizer and data resolve (configs and metadata only), or one line why
-            model_config = load_model_config(config)
-            problem = (recipe.refuse_model(config, model_config)  # e.g. no module matches the flags' names
-                       or attention.model_problem(config, model_class(model_config)))
-            if problem:
-                raise ConfigError(problem)
-            memory_note = check_memory(recipe, config, model_config)  # fits, from the config alone
+            resume_from, memory_note = pre_flight(recipe, config)
             run = set_up(recipe, config, resume_from, preemption, memory_note)
         except BaseException:
             remove_what_this_run_wrote(output_dir, there_before)
@@ -110,6 +100,24 @@ def train(recipe: OptimizerRecipe, config: Config) -> dict:
         preemption.checkpoint_on_signal(run.accelerator)  # from the first step on, a signal saves a checkpoint
         preempted = train_steps(run)
         return preempted or finish(run)
+
+
+def pre_flight(recipe: OptimizerRecipe, config: Config) -> tuple[Path | None, str]:
+    """Every check that can refuse the run before a weight loads, each ending in one line (ConfigError): this machine
+    can run the attention and compile asked for; nothing trained is overwritten (and which checkpoint to resume);
+    the model, tokenizer and data resolve (configs and metadata only); the optimizer and the attention can train
+    this model; the run fits the device's memory. Returns the checkpoint to resume from and the memory check's note."""
+    problem = attention.machine_problem(config) or torch_compile.problem(config)
+    if problem:
+        raise ConfigError(problem)
+    resume_from = check_run_folder(config)
+    check_sources(config)
+    model_config = load_model_config(config)
+    problem = (recipe.refuse_model(config, model_config)  # e.g. no module matches the flags' names
+               or attention.model_problem(config, model_class(model_config)))
+    if problem:
+        raise ConfigError(problem)
+    return resume_from, check_memory(recipe, config, model_config)
 
 
 def remove_what_this_run_wrote(output_dir: Path, there_before: set | None) -> None:
@@ -182,7 +190,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> float | None:
     # Each micro-batch's loss is its share of the step's mean over ALL its trained tokens (every micro-batch, every
     # process), times the process count: DDP, ZeRO and FSDP average gradients over processes. A short answer then
     # weighs what its tokens weigh, however the step's batch is split.
-    share = accelerator.num_processes / accelerator.reduce(step_tokens[1].clone(), reduction="sum").clamp(min=1)
+    token_weight = accelerator.num_processes / accelerator.reduce(step_tokens[1].clone(), reduction="sum").clamp(min=1)
     step_loss = torch.zeros((), device=accelerator.device)
     step_predictions = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, trained)
     grad_norm = None
@@ -193,7 +201,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> float | None:
         with (recipe.micro_step_context(accelerator, model),  # no gradient sync before the last
               run.memory_profile.measure(step, completes_step)):
             rows = run.token_loss(model, batch)
-            loss = rows.loss_sums.sum() * share
+            loss = rows.loss_sums.sum() * token_weight
             step_predictions += rows.predictions()
             del rows
             recipe.backward(accelerator, model, optimizer, loss, lr)
@@ -223,7 +231,7 @@ def checkpoint(run: Run) -> Path:
     state.loss_since_evaluation = metrics.loss_since_evaluation()  # a resumed run's next evaluation needs it
     run.recipe.eval_mode(run.optimizer)
     with run.memory_meter.phase("saving"), metrics.paused():
-        path = save_checkpoint(run.accelerator, run.output_dir, state, run.settings,
+        path = save_checkpoint(run.accelerator, run.output_dir, state, run.resume_fingerprint,
                                run.config.train.save_total_limit, run.accelerator.unwrap_model(run.model),
                                run.tokenizer)
     run.recipe.train_mode(run.optimizer)

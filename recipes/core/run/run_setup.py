@@ -78,7 +78,7 @@ class Run:
     tokenizer: object
     token_loss: ChunkedLoss | FullLogitsLoss
     state: TrainerState
-    settings: dict  # what a resume must share with this run (trainer_state.json)
+    resume_fingerprint: dict  # what a resume must share with this run (trainer_state.json)
     total_steps: int
     metrics: TrainingMetrics
     memory_meter: PeakMemoryMeter
@@ -170,7 +170,8 @@ def set_up(recipe: OptimizerRecipe, config: Config, resume_from: Path | None, pr
                               remeasure_peak=peak_remeasurer(accelerator.device, matmul_dtype))
     return Run(recipe=recipe, config=config, accelerator=accelerator, model=model, optimizer=optimizer,
                scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, shuffle=shuffle,
-               tokenizer=tokenizer, token_loss=token_loss, state=state, settings=settings, total_steps=total_steps,
+               tokenizer=tokenizer, token_loss=token_loss, state=state, resume_fingerprint=settings,
+               total_steps=total_steps,
                metrics=metrics, memory_meter=memory_meter,
                memory_history=CudaMemoryHistory(output_dir, parse_step_window(t.memory_snapshot_steps),
                                                  accelerator.device),
