@@ -10,12 +10,7 @@ sweep, which also runs the authors' setting), else 0.5 for the embedded tiny mod
 fares: docs/finetune/report.md.
 Supports: every LR schedule with --warmup_steps, --weight_decay, --clip_grad_value, --max_grad_norm (LOMO's
 clip_grad_norm: costs a second backward pass, so off by default), gradient checkpointing, --bf16.
-Works under DDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3
-(accelerate_configs/zero3.yaml: parameters partitioned and gathered per layer, each rank updating its partition in
-the hooks, no DeepSpeed engine; see recipes/core/fused_backward/engine_free_zero3.py).
-Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size instead),
-ZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters offloaded to CPU, FSDP (its
-sharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).
+(What the LOMO family runs under and refuses follows; recipes/core/fused_backward/recipe.py.)
 """
 
 from dataclasses import dataclass, field

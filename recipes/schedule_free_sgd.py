@@ -1,15 +1,10 @@
 """Schedule-free SGD (schedulefree.SGDScheduleFree): momentum SGD with iterate averaging instead of an LR schedule.
 
-Weights are y while training and x (the average) when evaluated or saved: the loop calls eval() before every
-evaluation and save, so the saved model is x, and train() before training resumes.
 Learning rate: --learning_rate, else 3e-2 with --model_name_or_path (what LOMO's authors use for plain SGD), else
 1.0 for the embedded tiny model trained from scratch. How each lr fares: docs/finetune/report.md.
 Supports: --warmup_steps (the optimizer's own warmup), gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only, --sgd_momentum.
-Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so x is
-evaluated and saved there too, and under ZeRO-3 (which steps the optimizer once per parameter sub-group) its step
-counters advance once per step (recipes/core/schedule_free/deepspeed_fixes.py).
-Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).
+(What the schedule-free family does at evaluation and under DeepSpeed follows; recipes/core/schedule_free/recipe.py.)
 """
 
 from dataclasses import dataclass, field

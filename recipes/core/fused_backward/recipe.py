@@ -27,6 +27,14 @@ class FusedBackwardRecipe(OptimizerRecipe):
     all-reduces each gradient and updates this rank's partition.
     """
 
+    family_notes = (
+        "Works under DDP (gradients averaged per parameter before each fused update) and DeepSpeed ZeRO-3\n"
+        "(accelerate_configs/zero3.yaml: parameters partitioned and gathered per layer, each rank updating its "
+        "partition in\nthe hooks, no DeepSpeed engine; see recipes/core/fused_backward/engine_free_zero3.py).\n"
+        "Refuses: --gradient_accumulation_steps > 1 (gradients are consumed in backward; raise the batch size "
+        "instead),\nZeRO-1/2 (DeepSpeed reduces gradients in its own hooks), ZeRO-3 with parameters offloaded to "
+        "CPU, FSDP (its\nsharded parameters never reach the fused update's hooks), fp16 mixed precision (use bf16).\n")
+
     keeps_master_weights = False  # updates the weights in their own dtype, in backward
     updates_in_backward = True
     update_note = "updates: in backward, fused into each parameter's gradient hook (no gradient is kept)"

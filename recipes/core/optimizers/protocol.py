@@ -154,6 +154,7 @@ class OptimizerRecipe:
     keeps_master_weights: bool = True  # under 16-bit mixed precision, steps an fp32 copy of the weights
     updates_in_backward: bool = False  # the update runs inside backward (the LOMO family), not in a step after it
     update_note: str = ""  # said on the start-up line where the update is not an ordinary step
+    family_notes: str = ""  # what every recipe of a family supports and refuses, said by --help after the docstring
     gradients_partitioned_by_zero: bool = True  # ZeRO-2/3 keep 1/N of the gradients per process
     # Settings from the optimizer's source that launch/finetune_comparison.py runs beside the sweep:
     # (what they are, learning rate, extra flags)
@@ -201,8 +202,10 @@ class OptimizerRecipe:
 
     @property
     def description(self) -> str:
-        """The recipe file's docstring: what it supports and what it refuses."""
-        return sys.modules[type(self).__module__].__doc__ or self.name
+        """What --help says: the recipe file's docstring (what it supports and what it refuses), then what its family
+        shares (`family_notes`)."""
+        doc = sys.modules[type(self).__module__].__doc__ or self.name
+        return doc.rstrip("\n") + "\n" + self.family_notes if self.family_notes else doc
 
     def for_run(self, config: Config) -> OptimizerRecipe:
         """The recipe as a run with this configuration uses it: with --optimizer_in_backward, its optimizer stepped per

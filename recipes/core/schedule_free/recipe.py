@@ -19,6 +19,14 @@ class ScheduleFreeRecipe(OptimizerRecipe):
     master copy and the module weights.
     """
 
+    family_notes = (
+        "Weights are y while training and x (the average) when evaluated or saved: the loop calls eval() before "
+        "every\nevaluation and save, so the saved model is x, and train() before training resumes.\n"
+        "Under DeepSpeed ZeRO the switches run on DeepSpeed's master copy and are copied into the module weights, so "
+        "x is\nevaluated and saved there too, and under ZeRO-3 (which steps the optimizer once per parameter "
+        "sub-group) its step\ncounters advance once per step (recipes/core/schedule_free/deepspeed_fixes.py).\n"
+        "Refuses: any --lr_scheduler_type but constant (a schedule would stack on its own).\n")
+
     default_lr_scheduler_type = "constant"
 
     def refuse(self, config: Config) -> Optional[str]:
