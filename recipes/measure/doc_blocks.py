@@ -235,6 +235,28 @@ def suite_durations() -> str:
     return "\n".join(lines) + "\n"
 
 
+def flags() -> str:
+    """docs/flags.md: every flag, by the dataclass that declares it; each optimizer knob with the recipes that read it."""
+    import dataclasses
+
+    from optimizer_recipes.core.optimizers.protocol import all_recipes
+    from optimizer_recipes.core.run.config import DataArguments, ModelArguments, TrainArguments
+
+    def names(cls) -> str:
+        return " ".join(f"`--{f.name}`" for f in dataclasses.fields(cls))
+
+    readers: dict[str, list[str]] = {}
+    for recipe in all_recipes():
+        for flag in recipe.reads_flags:
+            readers.setdefault(flag, []).append(recipe.name)
+    knobs = ", ".join(f"`--{flag}` ({', '.join(who)})" for flag, who in readers.items())
+    return (f"- the run (`TrainArguments`, recipes/core/run/config.py): {names(TrainArguments)}\n"
+            f"- the model (`ModelArguments`): {names(ModelArguments)}\n"
+            f"- the data (`DataArguments`): {names(DataArguments)}\n"
+            f"- `--config FILE`: a YAML file of flag: value pairs (the command line overrides it)\n"
+            f"- the optimizer knobs, each declared by the recipes that read it (their `knobs`): {knobs}\n")
+
+
 @dataclass(frozen=True)
 class Block:
     file: str
@@ -248,6 +270,7 @@ BLOCKS = {
     "llama-7b in backward": Block("README.md", seven_b_table(SEVEN_B[1])),
     "suite time": Block("README.md", suite_time),
     "suite durations": Block("docs/tests.md", suite_durations),
+    "flags": Block("docs/flags.md", flags),
     "compatibility": Block("README.md", compatibility(in_backward=False)),
     "in-backward compatibility": Block("README.md", compatibility(in_backward=True)),
 }
