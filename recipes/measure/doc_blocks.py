@@ -155,6 +155,26 @@ def which_optimizer() -> str:
     return "\n".join(lines) + "\n"
 
 
+def seven_b_refusal() -> str:
+    """README: the pre-flight check's line for AdamW at the 7B runs' setting, on a 24 GiB machine (22.8 GiB free)."""
+    from transformers import AutoConfig
+
+    from optimizer_recipes.core.memory.check import check_memory
+    from optimizer_recipes.core.optimizers.protocol import recipe_named
+    from optimizer_recipes.core.run.config import ConfigError, parse_config
+
+    recipe = recipe_named(reference_recipe())
+    config = parse_config(recipe, ["--model_name_or_path", SEVEN_B_SHAPE, "--dtype", "bfloat16",
+                                   "--gradient_checkpointing", "true", "--per_device_train_batch_size", "1",
+                                   "--per_device_eval_batch_size", "1", "--block_size", "256",
+                                   "--memory_budget_gib", "22.8", "--output_dir", "unused"])
+    try:
+        check_memory(recipe, config, AutoConfig.from_pretrained(REPO / SEVEN_B_SHAPE))
+    except ConfigError as refusal:
+        return f"`{recipe.name}: error: {refusal}`\n"
+    return f"({recipe.name} fits: no refusal)\n"
+
+
 def comparison() -> str:
     """README: every recipe's best learning rate in the comparison, its accuracy and eval loss on each seed, and
     its step time against AdamW's."""
@@ -268,6 +288,7 @@ BLOCKS = {
     "comparison": Block("README.md", comparison),
     "llama-7b": Block("README.md", seven_b_table(SEVEN_B[0])),
     "llama-7b in backward": Block("README.md", seven_b_table(SEVEN_B[1])),
+    "llama-7b refusal": Block("README.md", seven_b_refusal),
     "suite time": Block("README.md", suite_time),
     "suite durations": Block("docs/tests.md", suite_durations),
     "flags": Block("docs/flags.md", flags),
