@@ -17,7 +17,8 @@ max allocated on a GPU); they are tabled beside the estimator's run peak plus th
 (`recipes/core/memory/check.py`, what the pre-flight check uses), with s/step, tokens/s and achieved FLOP/s. The
 model folder is written by `launch/make_model.py` (random weights: the figures are memory and speed, never quality)
 and every run folder is deleted after it is read (a 7B save is 13 GB): `--keep` keeps them. Writes report.md and
-report.json to --output_dir.
+report.json to --output_dir after each recipe, keeping the rows of recipes an earlier run at the same settings
+measured there (so one recipe can be rerun alone), then rewrites the README's blocks from them.
 """
 
 from __future__ import annotations
@@ -150,6 +151,33 @@ def report(rows: dict, args, shape: str, parameters: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+SAME_RUN = ("shape", "per_device_train_batch_size", "per_device_eval_batch_size", "block_size", "max_steps",
+            "documents", "optimizer_in_backward")
+
+
+def earlier_rows(path: Path, args) -> dict:
+    """The rows of an earlier report in this folder made with the same settings: a recipe run alone later joins
+    them (its own row replaced)."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = all(earlier["settings"].get(key) == getattr(args, key) for key in SAME_RUN)
+    return {name: row for name, row in earlier["rows"].items() if same and name not in args.recipes.split(",")}
+
+
+def write_report(report_dir: Path, rows: dict, args, made: dict | None, model: Path) -> None:
+    from transformers import AutoConfig
+
+    from optimizer_recipes.core.memory.estimate import meta_model
+
+    parameters = made["parameters"] if made else \
+        sum(p.numel() for p in meta_model(None, config=AutoConfig.from_pretrained(model)).parameters())
+    (report_dir / "report.json").write_text(json.dumps({"shape": args.shape, "parameters": parameters,
+                                                        "settings": vars(args), "model": made, "rows": rows},
+                                                       indent=2) + "\n")
+    (report_dir / "report.md").write_text(report(rows, args, args.shape, parameters))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where report.md and report.json go")
@@ -183,7 +211,7 @@ def main(argv=None) -> None:
               f"for {made['weights_gib']:.2f} GiB of weights", flush=True)
     data = work / "text.txt"
     write_text_data(data, args.documents)
-    rows = {}
+    rows = earlier_rows(report_dir / "report.json", args)
     for name in args.recipes.split(","):
         out = work / f"{name}-run"
         shutil.rmtree(out, ignore_errors=True)
@@ -195,20 +223,13 @@ def main(argv=None) -> None:
             if not resume and not args.keep:
                 drop_final_save(out)
         rows[name] = row
+        write_report(report_dir, rows, args, made, model)  # after each recipe: a later failure loses none
         if not args.keep:
             shutil.rmtree(out)
-    from transformers import AutoConfig
-
-    parameters = made["parameters"] if made else None
-    if parameters is None:
-        from optimizer_recipes.core.memory.estimate import meta_model
-
-        parameters = sum(p.numel() for p in meta_model(None, config=AutoConfig.from_pretrained(model)).parameters())
-    (report_dir / "report.json").write_text(json.dumps({"shape": args.shape, "parameters": parameters,
-                                                        "settings": vars(args), "model": made, "rows": rows},
-                                                       indent=2) + "\n")
-    (report_dir / "report.md").write_text(report(rows, args, args.shape, parameters))
     print((report_dir / "report.md").read_text())
+    from optimizer_recipes.measure.doc_blocks import write_blocks
+
+    write_blocks()
     if not args.keep and made:
         shutil.rmtree(model)
 
