@@ -155,6 +155,33 @@ def which_optimizer() -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_savers() -> str:
+    """docs/memory.md: every recipe the SmolLM2 1 x 2048 memory reports measured, MiB, the estimate in brackets, by
+    run peak (the later report's row where both measured a recipe)."""
+    rows, reference_peak = {}, {}
+    for folder in RUN_PEAKS:
+        report = results.read_report(REPO / folder)
+        for row in (report or {}).get("recipes", {}).values():
+            if row.get("loss", "chunked") == "chunked":
+                rows[row["recipe"]] = row
+                if row["recipe"] == reference_recipe():
+                    reference_peak[folder] = row["measured"]["run_peak_bytes"]
+    mib = 2**20
+
+    def cell(measured: float, estimated: float) -> str:
+        return f"{measured / mib:,.0f} ({estimated / mib:,.0f})"
+
+    lines = [f"| recipe | optimizer state | training step peak | evaluation peak | run peak | vs {reference_recipe()} |",
+             "|---|---:|---:|---:|---:|---:|"]
+    peaks = run_peaks()
+    for name in sorted(rows, key=lambda n: (-peaks[n], n)):
+        m, e = rows[name]["measured"], rows[name]["estimate"]
+        lines.append(f"| `{name}` | {cell(m['breakdown']['optimizer_state'], e['optimizer_state'])} | "
+                     f"{cell(m['peak_bytes'], e['training'])} | {cell(m['evaluation']['peak_bytes'], e['evaluation'])} | "
+                     f"{cell(m['run_peak_bytes'], e['total'])} | {peaks[name]:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def seven_b_refusal() -> str:
     """README: the pre-flight check's line for AdamW at the 7B runs' setting, on a 24 GiB machine (22.8 GiB free)."""
     from transformers import AutoConfig
@@ -292,6 +319,7 @@ BLOCKS = {
     "suite time": Block("README.md", suite_time),
     "suite durations": Block("docs/tests.md", suite_durations),
     "flags": Block("docs/flags.md", flags),
+    "memory savers": Block("docs/memory.md", memory_savers),
     "compatibility": Block("README.md", compatibility(in_backward=False)),
     "in-backward compatibility": Block("README.md", compatibility(in_backward=True)),
 }
