@@ -67,11 +67,6 @@ def optimizer_arguments(recipe: OptimizerRecipe) -> type:
     return _merged(recipe.knobs, others)
 
 
-def knob_names(recipe) -> set[str]:
-    """Every optimizer knob's name (the union over the recipes)."""
-    return {f.name for f in dataclasses.fields(optimizer_arguments(recipe))}
-
-
 @functools.cache
 def _merged(own: type | None, others: tuple[type, ...]) -> type:
     fields: dict[str, tuple] = {}
