@@ -246,6 +246,17 @@ def seven_b_table(folder: str) -> Callable[[], str]:
     return table
 
 
+def seven_b_report(folder: str) -> Callable[[], str]:
+    def table() -> str:
+        """docs/memory.md: a 7B report's whole table, as scale_run wrote it into report.md."""
+        path = REPO / folder / "report.md"
+        if not path.is_file():
+            return f"(not measured yet: `python launch/scale_run.py --output_dir {folder} ...`)\n"
+        return "\n".join(line for line in path.read_text().splitlines() if line.startswith("|")) + "\n"
+
+    return table
+
+
 def compatibility(in_backward: bool) -> Callable[[], str]:
     def table() -> str:
         from optimizer_recipes.core.optimizers.compatibility import markdown_table
@@ -320,6 +331,8 @@ BLOCKS = {
     "suite durations": Block("docs/tests.md", suite_durations),
     "flags": Block("docs/flags.md", flags),
     "memory savers": Block("docs/memory.md", memory_savers),
+    "llama-7b report": Block("docs/memory.md", seven_b_report(SEVEN_B[0])),
+    "llama-7b in backward report": Block("docs/memory.md", seven_b_report(SEVEN_B[1])),
     "compatibility": Block("README.md", compatibility(in_backward=False)),
     "in-backward compatibility": Block("README.md", compatibility(in_backward=True)),
 }
