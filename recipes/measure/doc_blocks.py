@@ -32,7 +32,8 @@ COMMAND = "python -m optimizer_recipes.measure.doc_blocks"
 
 COMPARISON = "docs/finetune"  # launch/finetune_comparison.py
 STEP_TIMES = ("docs/benchmark/recipes-smollm2", "docs/benchmark/in-backward-smollm2")  # launch/benchmark.py; later wins
-RUN_PEAKS = ("docs/memory/smollm2-1x2048", "docs/memory/smollm2-memory-savers")  # launch/memory_report.py; later wins
+RUN_PEAKS = ("docs/memory/smollm2-1x2048", "docs/memory/smollm2-memory-savers",  # launch/memory_report.py; later wins
+             "docs/memory/smollm2-fine-tuning-defaults")
 SEVEN_B = ("docs/memory/llama-7b", "docs/memory/llama-7b-in-backward")  # launch/scale_run.py
 SEVEN_B_SHAPE = "launch/shapes/llama-7b.json"
 
