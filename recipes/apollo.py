@@ -11,8 +11,8 @@ channel, proj random, update_proj_gap 200, proj_type std (--apollo_rank, --apoll
 --apollo_proj, --apollo_update_interval, --apollo_proj_type). The Transformers Trainer's default for
 optim="apollo_adamw" is the APOLLO authors' pre-training setting, rank 128 and scale 1; docs/finetune/report.md has it
 beside these defaults.
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the comparison's sweep at these defaults:
-docs/finetune/report.md), else 1e-3 for the embedded tiny model trained from scratch.
+Learning rate: --learning_rate, else 5.4e-4 with --model_name_or_path (the best of the comparison's sweep at these
+defaults: docs/finetune/report.md), else 1e-3 for the embedded tiny model trained from scratch.
 Supports: every LR schedule with --warmup_steps, gradient accumulation, --max_grad_norm (default 1.0),
 --weight_decay on matrices only (the Trainer's APOLLO groups drop it), --adam_beta1/--adam_beta2/--adam_epsilon,
 DDP (every process draws the same projection from the same seed).
@@ -53,7 +53,7 @@ class ApolloRecipe(LowRankRecipe):
     order = 9
     trainer_optim = "apollo_adamw"  # the Transformers Trainer's optim= name
     default_learning_rate = 1e-3
-    fine_tuning_learning_rate = 2e-5  # with --model_name_or_path: see the docstring
+    fine_tuning_learning_rate = 5.4e-4  # with --model_name_or_path: see the docstring
     knobs = ApolloKnobs
     requires = ("apollo_torch", '-e ".[apollo]" (or: pip install apollo-torch==1.0.3; licence CC-BY-NC 4.0)')
     projection_words = "the rows and columns"
