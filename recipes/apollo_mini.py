@@ -4,8 +4,8 @@ The apollo recipe (recipes/apollo.py: what it supports, refuses and how it resum
 APOLLO-Mini setting, as the Transformers docs give it: rank 1, scale_type tensor, scale 128, proj random,
 update_proj_gap 200. Each target matrix keeps a rank-1 projection and its two moments: a few vectors, no
 full-size state. The --apollo_* flags override the preset.
-Learning rate: --learning_rate, else 2e-5 with --model_name_or_path (the comparison's sweep: docs/finetune/report.md),
-else 1e-3 for the embedded tiny model.
+Learning rate: --learning_rate, else 5.4e-4 with --model_name_or_path (the best of the comparison's sweep, at its cap:
+docs/finetune/report.md), else 1e-3 for the embedded tiny model.
 Supports: what apollo does (every LR schedule, gradient accumulation, --max_grad_norm, --weight_decay on matrices
 only, DDP). Refuses: DeepSpeed ZeRO and FSDP (see recipes/apollo.py).
 Licence: apollo-torch is CC-BY-NC 4.0 (non-commercial use only): pip install -e ".[apollo]".
@@ -33,6 +33,7 @@ class ApolloMiniRecipe(ApolloRecipe):
     default_rank = ApolloMiniKnobs.apollo_rank
     default_scale = ApolloMiniKnobs.apollo_scale
     default_scale_type = ApolloMiniKnobs.apollo_scale_type
+    fine_tuning_learning_rate = 5.4e-4  # with --model_name_or_path: see the docstring
     source_settings = ()
 
 

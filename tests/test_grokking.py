@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -11,14 +10,11 @@ import sys
 
 import pytest
 import torch
+from optimizer_recipes.measure import grokking  # noqa: E402
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO, offline_env, read_metrics, results, run_here
-
-spec = importlib.util.spec_from_file_location("grokking", REPO / "launch" / "grokking.py")
-grokking = sys.modules["grokking"] = importlib.util.module_from_spec(spec)  # launch/ is scripts, not a package
-spec.loader.exec_module(grokking)
 
 P = 23
 RUN = ["--dataset_format", "prompt_completion", "--packing", "false", "--block_size", "8",
