@@ -165,6 +165,15 @@ def earlier_rows(path: Path, args) -> dict:
     return {name: row for name, row in earlier["rows"].items() if same and name not in args.recipes.split(",")}
 
 
+def portable(settings: dict) -> dict:
+    """The settings with paths inside the repository written relative to it (a report names no machine's paths)."""
+    def relative(value):
+        if isinstance(value, str) and os.path.isabs(value) and Path(value).resolve().is_relative_to(REPO):
+            return str(Path(value).resolve().relative_to(REPO))
+        return value
+    return {key: relative(value) for key, value in settings.items()}
+
+
 def write_report(report_dir: Path, rows: dict, args, made: dict | None, model: Path) -> None:
     from transformers import AutoConfig
 
@@ -173,7 +182,7 @@ def write_report(report_dir: Path, rows: dict, args, made: dict | None, model: P
     parameters = made["parameters"] if made else \
         sum(p.numel() for p in meta_model(None, config=AutoConfig.from_pretrained(model)).parameters())
     (report_dir / "report.json").write_text(json.dumps({"shape": args.shape, "parameters": parameters,
-                                                        "settings": vars(args), "model": made, "rows": rows},
+                                                        "settings": portable(vars(args)), "model": made, "rows": rows},
                                                        indent=2) + "\n")
     (report_dir / "report.md").write_text(report(rows, args, args.shape, parameters))
 
