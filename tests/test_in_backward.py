@@ -4,6 +4,7 @@ gradient at a time, resumes exactly, and runs as 2 DDP processes as it runs as o
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -178,7 +179,9 @@ def test_every_refused_in_backward_cell_says_why_at_start_up(config, recipe, tmp
         main(RECIPES[recipe], [*run_flags(recipe, 2), *IN_BACKWARD, "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "use accelerate_configs/multi_gpu.yaml" in err and not (tmp_path / "out").exists()
+    way_out = re.search(r"use accelerate_configs/(\S+\.yaml)", err)
+    assert way_out and (way_out.group(1), recipe) in TWO_PROCESS, err  # the launch it names runs this recipe in backward
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("config, recipe", TWO_PROCESS)

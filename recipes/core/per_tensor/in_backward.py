@@ -26,6 +26,7 @@ The checkpoint is the optimizer's own state_dict, as in the ordinary run, so res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -33,6 +34,7 @@ from optimizer_recipes.core.fused_backward.lomo_fixes import average_gradients_a
 from optimizer_recipes.core.per_tensor.steps import StepsEachTensor
 from optimizer_recipes.core.per_tensor.stochastic_rounding import rounding_noise
 from optimizer_recipes.core.run.config import ConfigError
+from optimizer_recipes.core.run.launch_setup import LaunchSetup
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -75,11 +77,19 @@ class UpdatesInBackward:
         elif launch.kind == "deepspeed":
             reason = (f"--optimizer_in_backward under {launch.describe()} is not supported: DeepSpeed's engine reduces "
                       "and partitions the gradients in its own hooks and steps the optimizer itself; use "
-                      "accelerate_configs/multi_gpu.yaml, or drop --optimizer_in_backward")
+                      f"{self._sharded_or_replicated(config)}, or drop --optimizer_in_backward")
         elif launch.mixed_precision == "fp16":
             reason = ("--optimizer_in_backward with fp16 mixed precision: the update would run on the loss-scaled "
                       "gradients before the scaler unscales them; use --bf16 true")
         return reason or self.recipe.refuse(config)
+
+    def _sharded_or_replicated(self, config: Config) -> str:
+        """The launch to use instead of DeepSpeed: FSDP2 (weights, gradients and state sharded, as under ZeRO-3)
+        where this recipe runs there in backward, else DDP."""
+        under_fsdp2 = dataclasses.replace(config, launch=LaunchSetup("fsdp", mixed_precision=config.launch.mixed_precision))
+        if self.refuse(under_fsdp2) is None:
+            return "accelerate_configs/fsdp2.yaml (it shards weights, gradients and state as ZeRO-3 does)"
+        return "accelerate_configs/multi_gpu.yaml"
 
     def gradient_bytes(self, shapes: list[tuple[int, ...]], element_bytes: int) -> int:
         return max(torch.Size(s).numel() for s in shapes) * element_bytes  # one parameter's gradient at a time
