@@ -203,27 +203,84 @@ def seven_b_refusal() -> str:
     return f"({recipe.name} fits: no refusal)\n"
 
 
-def comparison() -> str:
-    """README: every recipe's best learning rate in the comparison, its accuracy and eval loss on each seed, and
-    its step time against AdamW's."""
+def runs_line(record: dict) -> str:
+    """How many runs the comparison holds, of which kind, their hours, and the machines that recorded themselves."""
+    runs, seed = record["runs"], record["arguments"]["seed"]
+    source = sum(1 for r in runs if r.get("flags"))
+    swept = sum(1 for r in runs if not r.get("flags") and r.get("seed", seed) == seed)
+    machines: dict[str, int] = {}
+    for run in runs:
+        machines[run.get("hardware", "machine not recorded")] = machines.get(run.get("hardware", "machine not recorded"), 0) + 1
+    where = ", ".join(f"{name} ({count})" for name, count in sorted(machines.items(), key=lambda m: -m[1]))
+    return (f"{len(runs)} runs ({swept} in the sweeps, {len(runs) - swept - source} at a further seed, {source} at "
+            f"source settings), {sum(r['wall_s'] for r in runs) / 3600:.1f} hours of runs; {where}.\n")
+
+
+def comparison(detailed: bool = False) -> Callable[[], str]:
+    def table() -> str:
+        """README (and docs/finetune.md, `detailed`: the learning rates tried, the run's peak memory and the source
+        settings' runs too): every recipe's best learning rate in the comparison, its accuracy and eval loss on
+        each seed, and its step time against AdamW's."""
+        from optimizer_recipes.core.optimizers.protocol import all_recipes
+
+        record = results.read_comparison(REPO / COMPARISON)
+        runs, seed = record["runs"], record["arguments"]["seed"]
+        best = results.best_runs(runs, seed)
+        against_adamw = ratios_against(STEP_TIMES, "recipe", "recipe", same_optimizer=False)
+        seeds = " / ".join(str(s) for s in results.seeds_of(record))
+        tried_column, tried_align = ("learning rates tried | ", "---|") if detailed else ("", "")
+        peak_column, peak_align = ("peak RSS (GiB) | ", "---:|") if detailed else ("", "")
+        lines = [f"| recipe | {tried_column}best lr{'' if detailed else ' (sweep)'} | held-out accuracy, seed {seeds} | "
+                 f"eval loss, seed {seeds} | {peak_column}step time vs AdamW |",
+                 f"|---|{tried_align}---:|---:|---:|{peak_align}---:|"]
+        for recipe in (r for r in all_recipes() if r.name in best):
+            name = recipe.name
+            swept = results.sweep_runs(runs, name, seed)
+            cap = " (cap)" if len(swept) > 1 and swept[-1] is best[name] else ""
+            again = results.best_at_every_seed(record, name)
+            accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in again)
+            losses = " / ".join(f"{r['eval_loss']:.3f}" for r in again)
+            step = "1.00" if name == reference_recipe() else spread(against_adamw[name]) if name in against_adamw else "-"
+            if not detailed:
+                lines.append(f"| `{name}` | {lr_text(best[name]['learning_rate'])}{cap} | {accuracies} | {losses} | "
+                             f"{step} |")
+                continue
+            tried = " ... ".join(dict.fromkeys(lr_text(r["learning_rate"]) for r in (swept[0], swept[-1])))
+            lines.append(f"| `{name}` | {tried}{cap} | {lr_text(best[name]['learning_rate'])} | {accuracies} | "
+                         f"{losses} | {best[name]['peak_memory_gib']:.2f} | {step} |")
+            for run in (r for r in runs if r["recipe"] == name and r.get("flags")):
+                lines.append(f"| `{name}`, {run['label']} | {lr_text(run['learning_rate'])} | "
+                             f"{lr_text(run['learning_rate'])} | {run['accuracy']:.0%} | {run['eval_loss']:.3f} | "
+                             f"{run['peak_memory_gib']:.2f} | |")
+        return "\n".join(lines) + "\n\n" + runs_line(record)
+
+    return table
+
+
+def learning_rates() -> str:
+    """docs/flags.md: each recipe's learning-rate defaults (from the code), what the comparison measured at the
+    fine-tuning one, and the comparison's best."""
     from optimizer_recipes.core.optimizers.protocol import all_recipes
 
     record = results.read_comparison(REPO / COMPARISON)
     runs, seed = record["runs"], record["arguments"]["seed"]
     best = results.best_runs(runs, seed)
-    against_adamw = ratios_against(STEP_TIMES, "recipe", "recipe", same_optimizer=False)
-    seeds = " / ".join(str(s) for s in results.seeds_of(record))
-    lines = [f"| recipe | best lr (sweep) | held-out accuracy, seed {seeds} | eval loss, seed {seeds} | step time vs "
-             "AdamW |", "|---|---:|---:|---:|---:|"]
-    for recipe in (r for r in all_recipes() if r.name in best):
-        name = recipe.name
-        swept = results.sweep_runs(runs, name, seed)
-        cap = " (cap)" if len(swept) > 1 and swept[-1] is best[name] else ""
-        again = results.best_at_every_seed(record, name)
-        accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in again)
-        losses = " / ".join(f"{r['eval_loss']:.3f}" for r in again)
-        step = "1.00" if name == reference_recipe() else spread(against_adamw[name]) if name in against_adamw else "-"
-        lines.append(f"| `{name}` | {lr_text(best[name]['learning_rate'])}{cap} | {accuracies} | {losses} | {step} |")
+    lines = ["| recipe | fine-tuning lr (with --model_name_or_path) | the comparison at that lr: held-out accuracy, "
+             "seed 0 | the comparison's best lr: accuracy per seed | embedded-model lr |", "|---|---:|---:|---|---:|"]
+    for recipe in all_recipes():
+        name, at_default = recipe.name, "-"
+        for run in results.sweep_runs(runs, name, seed):
+            if run["learning_rate"] == recipe.fine_tuning_learning_rate:
+                at_default = f"{run['accuracy']:.0%}"
+        if name in best:
+            swept = results.sweep_runs(runs, name, seed)
+            cap = ", the cap" if len(swept) > 1 and swept[-1] is best[name] else ""
+            accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in results.best_at_every_seed(record, name))
+            best_cell = f"{lr_text(best[name]['learning_rate'])}{cap}: {accuracies}"
+        else:
+            best_cell = "-"
+        lines.append(f"| `{name}` | {lr_text(recipe.fine_tuning_learning_rate)} | {at_default} | {best_cell} | "
+                     f"{lr_text(recipe.default_learning_rate)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,10 +381,13 @@ class Block:
 
 BLOCKS = {
     "which optimizer": Block("README.md", which_optimizer),
-    "comparison": Block("README.md", comparison),
+    "comparison": Block("README.md", comparison()),
+    "comparison in full": Block("docs/finetune.md", comparison(detailed=True)),
+    "learning rates": Block("docs/flags.md", learning_rates),
     "llama-7b": Block("README.md", seven_b_table(SEVEN_B[0])),
     "llama-7b in backward": Block("README.md", seven_b_table(SEVEN_B[1])),
     "llama-7b refusal": Block("README.md", seven_b_refusal),
+    "llama-7b refusal in flags": Block("docs/flags.md", seven_b_refusal),
     "suite time": Block("README.md", suite_time),
     "suite durations": Block("docs/tests.md", suite_durations),
     "flags": Block("docs/flags.md", flags),
