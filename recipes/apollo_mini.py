@@ -4,7 +4,7 @@ The apollo recipe (recipes/apollo.py: what it supports, refuses and how it resum
 APOLLO-Mini setting, as the Transformers docs give it: rank 1, scale_type tensor, scale 128, proj random,
 update_proj_gap 200. Each target matrix keeps a rank-1 projection and its two moments: a few vectors, no
 full-size state. The --apollo_* flags override the preset.
-Learning rate: --learning_rate, else 5.4e-4 with --model_name_or_path (the best of the comparison's sweep, at its cap:
+Learning rate: --learning_rate, else 5.4e-4 with --model_name_or_path (the best of the comparison's sweep, bracketed:
 docs/finetune/report.md), else 1e-3 for the embedded tiny model.
 Supports: what apollo does (every LR schedule, gradient accumulation, --max_grad_norm, --weight_decay on matrices
 only, DDP). Refuses: DeepSpeed ZeRO and FSDP (see recipes/apollo.py).
