@@ -49,10 +49,10 @@ def main(argv=None) -> None:
     from optimizer_recipes.measure.doc_blocks import write_blocks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pytest_args", nargs="*", help="passed to pytest, e.g. -m smoke")
-    args = parser.parse_args(argv)
-    name = "smoke" if "smoke" in args.pytest_args else "suite"
-    command = [sys.executable, "-m", "pytest", "-q", "--durations=0", "-p", "no:cacheprovider", *args.pytest_args]
+    parser.usage = "%(prog)s [pytest arguments, e.g. -m smoke]"
+    _, pytest_args = parser.parse_known_args(argv)  # every argument is pytest's (-m smoke starts with a dash)
+    name = "smoke" if "smoke" in pytest_args else "suite"
+    command = [sys.executable, "-m", "pytest", "-q", "--durations=0", "-p", "no:cacheprovider", *pytest_args]
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
                           text=True)
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(proc.returncode)
-    record = {"command": "HF_HUB_OFFLINE=1 python -m pytest -q" + "".join(f" {a}" for a in args.pytest_args),
+    record = {"command": "HF_HUB_OFFLINE=1 python -m pytest -q" + "".join(f" {a}" for a in pytest_args),
               "date": datetime.date.today().isoformat(), "hardware": hardware(),
               "elapsed_s": round(time.perf_counter() - started, 1), **parse(proc.stdout)}
     OUT.mkdir(parents=True, exist_ok=True)
