@@ -17,6 +17,7 @@ when a file holds a block that differs from what its producer gives now.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import re
 import statistics
@@ -111,14 +112,25 @@ def seven_b_estimates(in_backward: bool) -> dict[str, float]:
     return {name: (e.total + PROCESS_BASELINE["cpu"]) / 2**30 for name, e in estimates.items()}
 
 
+def best_at_cap(record: dict, name: str) -> bool:
+    """The recipe's best learning rate is the largest its sweep tried (so the optimum may lie higher)."""
+    runs, seed = record["runs"], record["arguments"]["seed"]
+    swept = results.sweep_runs(runs, name, seed)
+    return len(swept) > 1 and swept[-1] is results.best_runs(runs, seed)[name]
+
+
+def per_seed(record: dict, name: str, key: str, spec: str) -> str:
+    """'a / b': the recipe's best run's figure at each seed of the comparison."""
+    return " / ".join(format(r[key], spec) for r in results.best_at_every_seed(record, name))
+
+
 def accuracy_cell(record: dict, name: str) -> str:
     runs, seed = record["runs"], record["arguments"]["seed"]
     if name not in results.best_runs(runs, seed):
         return "-"  # not in the comparison at its present settings
     best = results.best_runs(runs, seed)[name]
-    at_top = results.sweep_runs(runs, name, seed)[-1] is best and len(results.sweep_runs(runs, name, seed)) > 1
-    accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in results.best_at_every_seed(record, name))
-    return f"{accuracies} ({lr_text(best['learning_rate'])}{', cap' if at_top else ''})"
+    return (f"{per_seed(record, name, 'accuracy', '.0%')} ({lr_text(best['learning_rate'])}"
+            f"{', cap' if best_at_cap(record, name) else ''})")
 
 
 # --- the blocks -------------------------------------------------------------------------------------------------
@@ -208,10 +220,8 @@ def runs_line(record: dict) -> str:
     runs, seed = record["runs"], record["arguments"]["seed"]
     source = sum(1 for r in runs if r.get("flags"))
     swept = sum(1 for r in runs if not r.get("flags") and r.get("seed", seed) == seed)
-    machines: dict[str, int] = {}
-    for run in runs:
-        machines[run.get("hardware", "machine not recorded")] = machines.get(run.get("hardware", "machine not recorded"), 0) + 1
-    where = ", ".join(f"{name} ({count})" for name, count in sorted(machines.items(), key=lambda m: -m[1]))
+    machines = collections.Counter(run.get("hardware", "machine not recorded") for run in runs)
+    where = ", ".join(f"{name} ({count})" for name, count in machines.most_common())
     return (f"{len(runs)} runs ({swept} in the sweeps, {len(runs) - swept - source} at a further seed, {source} at "
             f"source settings), {sum(r['wall_s'] for r in runs) / 3600:.1f} hours of runs; {where}.\n")
 
@@ -236,10 +246,9 @@ def comparison(detailed: bool = False) -> Callable[[], str]:
         for recipe in (r for r in all_recipes() if r.name in best):
             name = recipe.name
             swept = results.sweep_runs(runs, name, seed)
-            cap = " (cap)" if len(swept) > 1 and swept[-1] is best[name] else ""
-            again = results.best_at_every_seed(record, name)
-            accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in again)
-            losses = " / ".join(f"{r['eval_loss']:.3f}" for r in again)
+            cap = " (cap)" if best_at_cap(record, name) else ""
+            accuracies = per_seed(record, name, "accuracy", ".0%")
+            losses = per_seed(record, name, "eval_loss", ".3f")
             step = "1.00" if name == reference_recipe() else spread(against_adamw[name]) if name in against_adamw else "-"
             if not detailed:
                 lines.append(f"| `{name}` | {lr_text(best[name]['learning_rate'])}{cap} | {accuracies} | {losses} | "
@@ -273,10 +282,8 @@ def learning_rates() -> str:
             if run["learning_rate"] == recipe.fine_tuning_learning_rate:
                 at_default = f"{run['accuracy']:.0%}"
         if name in best:
-            swept = results.sweep_runs(runs, name, seed)
-            cap = ", the cap" if len(swept) > 1 and swept[-1] is best[name] else ""
-            accuracies = " / ".join(f"{r['accuracy']:.0%}" for r in results.best_at_every_seed(record, name))
-            best_cell = f"{lr_text(best[name]['learning_rate'])}{cap}: {accuracies}"
+            cap = ", the cap" if best_at_cap(record, name) else ""
+            best_cell = f"{lr_text(best[name]['learning_rate'])}{cap}: {per_seed(record, name, 'accuracy', '.0%')}"
         else:
             best_cell = "-"
         lines.append(f"| `{name}` | {lr_text(recipe.fine_tuning_learning_rate)} | {at_default} | {best_cell} | "
